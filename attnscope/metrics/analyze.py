@@ -1,0 +1,221 @@
+"""`analyze()`: tokens in, a labelled xarray Dataset of per-layer, per-head statistics out."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from attnscope.capture.interface import capture
+from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
+from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
+from attnscope.metrics.reductions import (
+    ALL_METRICS,
+    DEFAULT_METRICS,
+    RowPlan,
+    StatsRecorder,
+    distance_bin_edges,
+)
+
+# Full maps beyond this many bytes are refused (override with pattern_limit_bytes=).
+PATTERN_LIMIT_BYTES = 2 << 30
+
+DIMS = {
+    "sink_mass": ("layer", "head"),
+    "token0_mass": ("layer", "head"),
+    "span_mass": ("span", "layer", "head"),
+    "entropy": ("layer", "head"),
+    "mean_distance": ("layer", "head"),
+    "position_profile": ("layer", "head", "bin"),
+    "distance_profile": ("layer", "head", "distance_bin"),
+    "pattern": ("layer", "head", "query", "key"),
+}
+
+
+def _unwrap(model, tokenizer):
+    """Accept a LoadedModel or a plain transformers model (+ tokenizer)."""
+    from attnscope.models.loading import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return model.model, tokenizer or model.tokenizer, model.name, model.revision
+    name = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
+    return model, tokenizer, name, None
+
+
+def _tokenize(tokenizer, text, token_ids, max_tokens) -> list[list[int]]:
+    if (text is None) == (token_ids is None):
+        raise AttnscopeError("pass exactly one of text= or token_ids=")
+    if text is not None:
+        if tokenizer is None:
+            raise AttnscopeError("text needs a tokenizer: pass tokenizer= or a LoadedModel")
+        texts = [text] if isinstance(text, str) else list(text)
+        seqs = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    else:
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
+        seqs = [list(ids)] if ids and isinstance(ids[0], (int, np.integer)) else [list(s) for s in ids]
+    if max_tokens is not None:
+        seqs = [s[:max_tokens] for s in seqs]
+    if any(len(s) == 0 for s in seqs):
+        raise AttnscopeError("an input has no tokens")
+    return seqs
+
+
+def _layer_types(config) -> list[str] | None:
+    types = getattr(config, "layer_types", None)
+    return list(types) if types else None
+
+
+def analyze(
+    model,
+    text: str | Sequence[str] | None = None,
+    *,
+    token_ids=None,
+    tokenizer=None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    queries: str | QuerySelection | Sequence[int] = "all",
+    min_query_position: int = DEFAULT_MIN_POSITION,
+    sink_tokens: int = 4,
+    spans: dict[str, tuple[int, int]] | None = None,
+    bins: int = 32,
+    layers: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    pattern_limit_bytes: int = PATTERN_LIMIT_BYTES,
+) -> xr.Dataset:
+    """Exact attention statistics per layer and query head of `model` on `text`.
+
+    One string gives dims (layer, head, ...); a list of strings is run as one left-padded batch
+    and gains a leading `sequence` dim. Spans are token ranges [start, end) within the text.
+    See docs/metrics.md for each metric's formula and defaults.
+    """
+    hf_model, tokenizer, name, revision = _unwrap(model, tokenizer)
+    metrics = tuple(metrics)
+    if spans and "span_mass" not in metrics:
+        metrics = metrics + ("span_mass",)
+    if "span_mass" in metrics and not spans:
+        raise AttnscopeError("span_mass needs spans={'name': (start, end)} (token indices, end exclusive)")
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise AttnscopeError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
+    if sink_tokens < 1:
+        raise AttnscopeError("sink_tokens must be >= 1")
+    seqs = _tokenize(tokenizer, text, token_ids, max_tokens)
+    config = hf_model.config
+    max_pos = getattr(config, "max_position_embeddings", None)
+    longest = max(len(s) for s in seqs)
+    if max_pos and longest > max_pos:
+        raise InputTooLongError(
+            f"the input has {longest} tokens but {name} has a context of {max_pos}; "
+            f"pass max_tokens={max_pos} (CLI --max-tokens) to analyse its first {max_pos} tokens")
+    selection = QuerySelection.parse(queries, min_position=min_query_position)
+    spans = dict(spans or {})
+    plans = []
+    for s in seqs:
+        for span_name, (s0, s1) in spans.items():
+            if not 0 <= s0 < s1 <= len(s):
+                raise AttnscopeError(
+                    f"span {span_name!r} = [{s0}, {s1}) is not inside the {len(s)}-token input")
+        plans.append(RowPlan(len(s), selection.resolve(len(s)), spans))
+
+    n_layers = int(config.num_hidden_layers)
+    if "pattern" in metrics:
+        heads = int(config.num_attention_heads)
+        size = sum(4 * heads * n_layers * len(s) ** 2 for s in seqs)
+        if size > pattern_limit_bytes:
+            raise MemoryGuardError(
+                f"full attention maps for {longest} tokens x {n_layers} layers x {heads} heads need "
+                f"{size / 2**30:.1f} GiB (limit {pattern_limit_bytes / 2**30:.1f} GiB); use the "
+                "streaming metrics, fewer layers (layers=...) or a shorter input")
+
+    device = next(hf_model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for b, s in enumerate(seqs):  # left padding: every row ends at the last column
+        input_ids[b, longest - len(s):] = torch.tensor(s)
+        attention_mask[b, longest - len(s):] = 1
+    recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
+                             max_length=longest)
+    decoder = getattr(hf_model, "base_model", hf_model)  # skip the LM head: no T x vocab logits
+    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
+    if len(seqs) > 1:
+        kwargs["attention_mask"] = attention_mask.to(device)
+    with torch.no_grad(), capture(hf_model, recorder):
+        decoder(**kwargs)
+    if not recorder.results:
+        raise AttnscopeError(
+            f"{type(hf_model).__name__} produced no attention through attnscope's attention "
+            "function; it may not use transformers' AttentionInterface")
+    return _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model,
+                       sink_tokens, bins, n_layers)
+
+
+def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model, sink_tokens,
+                bins, n_layers) -> xr.Dataset:
+    config = hf_model.config
+    layer_ids = sorted(recorder.results)
+    single = len(seqs) == 1
+    data_vars = {}
+    for m in metrics:
+        per_seq = [np.stack([recorder.results[L][b][m] for L in layer_ids]) for b in range(len(seqs))]
+        dims = DIMS[m]
+        if m == "span_mass":  # recorded as [layer][span, head] -> (span, layer, head)
+            per_seq = [a.transpose(1, 0, 2) for a in per_seq]
+        if m == "pattern" and not single:
+            raise AttnscopeError("full patterns are computed for one text at a time")
+        arr = per_seq[0] if single else np.stack(per_seq)
+        data_vars[m] = (dims if single else ("sequence",) + dims, arr.astype(np.float32))
+    coords: dict[str, Any] = {"layer": layer_ids, "head": np.arange(int(config.num_attention_heads))}
+    if "position_profile" in metrics:
+        coords["bin"] = np.arange(bins) / bins
+    if "distance_profile" in metrics:
+        coords["distance_bin"] = recorder.dist_edges
+    if "span_mass" in metrics:
+        coords["span"] = list(spans)
+    if "pattern" in metrics:
+        coords["query"] = np.arange(len(seqs[0]))
+        coords["key"] = np.arange(len(seqs[0]))
+    types = _layer_types(config)
+    skipped = [i for i in range(n_layers) if i not in recorder.results]
+    if recorder.layers is not None:
+        skipped = [i for i in skipped if i in recorder.layers]
+    windows = {}
+    for mod in hf_model.modules():
+        idx = getattr(mod, "layer_idx", None)
+        if idx is not None and idx in recorder.results and type(mod).__name__.endswith("Attention"):
+            from attnscope.capture.interface import _layer_window
+
+            windows[int(idx)] = _layer_window(mod, {"sliding_window": getattr(mod, "sliding_window", None)})
+    import transformers
+
+    import attnscope
+
+    attrs = {
+        "model": name,
+        "revision": revision or "",
+        "model_class": type(hf_model).__name__,
+        "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(hf_model.parameters()).device),
+        "n_tokens": json.dumps([len(s) for s in seqs]) if not single else len(seqs[0]),
+        "queries": selection.describe(),
+        "query_positions": json.dumps([p.queries.tolist() for p in recorder.plans] if not single
+                                      else recorder.plans[0].queries.tolist()),
+        "sink_tokens": sink_tokens,
+        "spans": json.dumps({k: list(v) for k, v in spans.items()}),
+        "attention_layers": json.dumps(layer_ids),
+        "skipped_layers": json.dumps(
+            {str(i): (types[i] if types and i < len(types) else "no attention call") for i in skipped}),
+        "windows": json.dumps({str(k): v for k, v in windows.items()}),
+        "windows_assumed": bool(getattr(hf_model, "_attnscope_windows_assumed", False)),
+        "attnscope_version": attnscope.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    edit = next((getattr(m, "_attnscope_edit", None) for m in hf_model.modules()
+                 if getattr(m, "_attnscope_edit", None) is not None), None)
+    attrs["attention_edit"] = edit.describe() if edit is not None else "none"
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
