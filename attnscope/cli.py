@@ -1,0 +1,165 @@
+"""The `attnscope` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnscope.errors import AttnscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Exact attention statistics for Hugging Face causal LMs, at long context.")
+console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _parse_span(span: Optional[str]) -> dict[str, tuple[int, int]]:
+    if not span:
+        return {}
+    try:
+        start, end = (int(x) for x in span.split(":"))
+    except ValueError:
+        raise AttnscopeError(f"bad --span {span!r}: use START:END token indices, END exclusive") from None
+    return {"span": (start, end)}
+
+
+def _dataset_json(ds, token_ids: list[int]) -> dict:
+    metrics = {name: ds[name].values.tolist() for name in ds.data_vars}
+    return {
+        "model": ds.attrs["model"],
+        "revision": ds.attrs.get("revision") or None,
+        "token_ids": token_ids,
+        "layers": [int(v) for v in ds.layer.values],
+        "queries": json.loads(ds.attrs["query_positions"]),
+        "metrics": metrics,
+        "dims": {name: list(ds[name].dims) for name in ds.data_vars},
+        "skipped_layers": json.loads(ds.attrs["skipped_layers"]),
+    }
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
+    text_file: Path = typer.Option(..., "--text-file", "-f", help="UTF-8 text to analyse"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
+    max_tokens: Optional[int] = typer.Option(None, help="Analyse only the first N tokens"),
+    sink_tokens: int = typer.Option(4, help="Tokens counted as the sink (sink_mass)"),
+    span: Optional[str] = typer.Option(None, help="START:END token span for span_mass (END exclusive)"),
+    queries: str = typer.Option("all", help="all | last:N | strided:N | i,j,k"),
+    metrics: str = typer.Option("sink_mass,token0_mass,entropy,mean_distance,position_profile,distance_profile",
+                                help="Comma-separated metrics"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the model's own code to run"),
+    out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
+):
+    """Per-layer, per-head attention statistics of MODEL on a text."""
+    import attnscope
+    from attnscope.store.hdf5 import save_result
+
+    _quiet_transformers()
+    try:
+        if not text_file.is_file():
+            raise AttnscopeError(f"no such text file: {text_file}")
+        lm = attnscope.load(model, revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+        if lm.tokenizer is None:
+            raise AttnscopeError(f"{model} has no tokenizer; save one next to the weights")
+        ids = lm.tokenizer(text_file.read_text(encoding="utf-8"))["input_ids"]
+        if max_tokens:
+            ids = ids[:max_tokens]
+        names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+        ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
+                               sink_tokens=sink_tokens, spans=_parse_span(span) or None)
+        if out:
+            save_result(ds, out)
+    except AttnscopeError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(_dataset_json(ds, ids)) + "\n")
+    else:
+        _print_summary(ds)
+        if out:
+            console.print(f"wrote {out}")
+
+
+def _print_summary(ds, top: int = 10) -> None:
+    out = Console()
+    table = Table(title=f"{ds.attrs['model']} — {ds.attrs['n_tokens']} tokens, queries {ds.attrs['queries']}")
+    table.add_column("layer", justify="right")
+    cols = [m for m in ("sink_mass", "token0_mass", "entropy", "mean_distance") if m in ds]
+    for m in cols:
+        table.add_column(f"mean {m}", justify="right")
+    if "sink_mass" in ds:
+        table.add_column("strongest sink head", justify="right")
+    for layer in ds.layer.values:
+        row = [str(int(layer))] + [f"{float(ds[m].sel(layer=layer).mean()):.3f}" for m in cols]
+        if "sink_mass" in ds:
+            s = ds.sink_mass.sel(layer=layer)
+            h = int(s.values.argmax())
+            row.append(f"h{h} {float(s[h]):.3f}")
+        table.add_row(*row)
+    out.print(table)
+    if "sink_mass" in ds:
+        flat = ds.sink_mass.stack(lh=("layer", "head")).sortby(lambda x: -x)
+        strongest = ", ".join(f"L{int(l)}.H{int(h)}={float(v):.3f}"
+                              for (l, h), v in zip(flat.lh.values[:top], flat.values[:top]))
+        out.print(f"[bold]strongest sink heads[/] (mass on first {ds.attrs['sink_tokens']} tokens): {strongest}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("attnscope-demo"), help="Folder for the demo's outputs"),
+    tokens: int = typer.Option(2048, help="Tokens of real English prose to analyse"),
+):
+    """The main job on the embedded model: sinks of SmolLM2 on real English prose."""
+    import attnscope
+    from attnscope.probing.texts import prose
+    from attnscope.report.heatmap import metric_heatmap
+    from attnscope.store.hdf5 import save_result
+
+    _quiet_transformers()
+    try:
+        console.print("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
+        lm = attnscope.load("smollm2")
+        ids = lm.tokenizer(prose())["input_ids"][:tokens]
+        console.print(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
+        ds = attnscope.analyze(lm, token_ids=ids)
+        out.mkdir(parents=True, exist_ok=True)
+        result = save_result(ds, out / "smollm2_prose.h5")
+        command = f"attnscope demo --out {out} --tokens {tokens}"
+        png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
+                             title=f"SmolLM2-135M-Instruct: attention on the first 4 tokens "
+                                   f"({len(ids)} tokens of prose)",
+                             source=f"store: {result}; made by: {command}")
+    except AttnscopeError as exc:
+        _fail(exc)
+    _print_summary(ds)
+    Console().print(f"wrote {result} and {png}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
