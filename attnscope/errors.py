@@ -35,3 +35,11 @@ class SpecError(AttnscopeError):
 
 class StoreError(AttnscopeError):
     """An HDF5 store is missing, corrupt, foreign or not writable."""
+
+
+class FilterError(AttnscopeError):
+    """A registry lookup filter names an unknown column or gives a value of the wrong kind."""
+
+
+class OfflineError(AttnscopeError):
+    """Data that must come from the Hub is unreachable (offline) and nothing is cached locally."""
