@@ -98,6 +98,14 @@ NAME_QUIRKS: dict[str, NameQuirk] = {
             note="ships post-norm weights under a pre-norm class (Olmo3PreorderForCausalLM): "
             "plain-text loss around 11.5 nats when loaded as published.",
         ),
+        NameQuirk(
+            name="H_post_LQK_8kv_4k_11k_SWA",
+            name_says={"d_ff": 11008},
+            actual={"d_ff": 13312},
+            note="the name says d_ff 11k but the transcribed table gives d_ff 13312 (and 7.4B "
+            "parameters, like the other 8-KV-head 13k models); unresolved which is right, the "
+            "registry keeps the table's value.",
+        ),
     ]
 }
 
@@ -154,12 +162,18 @@ class OlmPoolModel:
         return dataclasses.asdict(self)
 
 
-def _native_classes() -> set[str]:
-    # Classes that stock transformers can instantiate without the repository's own code.
-    import transformers
+def _native_model_types(model_types) -> set[str]:
+    # model_types the installed transformers implements itself (no repository code needed).
+    # Each lives in transformers/models/<model_type>/; looking at the folder avoids importing
+    # transformers (and torch) just to print a table.
+    import importlib.util
+    from pathlib import Path
 
-    return {c for c in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM",
-                        "Olmo3ForCausalLM", "OlmoHybridForCausalLM") if hasattr(transformers, c)}
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    root = Path(list(spec.submodule_search_locations)[0]) / "models"
+    return {t for t in model_types if (root / str(t) / f"modeling_{t}.py").is_file()}
 
 
 @lru_cache(maxsize=1)
@@ -192,8 +206,7 @@ def _table() -> pd.DataFrame:
     df["remote_code"] = raw["remote_code"].astype(int).astype(bool)
     # Derived loading facts (not in the paper): whether transformers itself has the class, and
     # SWA models whose published config gives no window (they run full attention as loaded).
-    natives = _native_classes()
-    df["native_class"] = df["hf_class"].isin(natives)
+    df["native_class"] = df["model_type"].isin(_native_model_types(set(df["model_type"])))
     df["swa_window_missing"] = df["swa"] & df["config_sliding_window"].isna()
     df["has_qk_norm"] = df["qk_norm"] != "none"
     df["has_gqa"] = df["kv_heads"] < df["n_heads"]

@@ -204,7 +204,7 @@ def list_revisions(
            if network_error is not None else "offline mode is on (HF_HUB_OFFLINE or offline=True)")
     raise OfflineError(
         f"cannot list the revisions of {hf_name}: {why}, and no manifest is cached at {path}. "
-        "Run `attnscope revisions MODEL` once with network access (it caches the list), or pass "
+        "Run `attnscope revisions MODEL` (or list_revisions) once online to cache the list, or pass "
         "a manifest file with manifest=PATH (`--manifest PATH`)."
     ) from network_error
 
