@@ -91,6 +91,10 @@ def test_remote_kinds_need_trust_remote_code(tiny, kind):
         AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     assert type(model).__name__ == T._SPECS[kind][1]
+    # like the published remote classes, they expose nothing through output_attentions
+    with torch.no_grad():
+        out = model(input_ids=_ids(path, True), output_attentions=True, use_cache=False)
+    assert out.attentions is None
 
 
 EXPECTED_QK = {"llama": "none", "qwen3": "headwise", "olmo2": "layerwise", "olmo3": "layerwise",
