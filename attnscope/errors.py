@@ -43,3 +43,11 @@ class TextSourceError(AttnscopeError):
 
 class ProbeBuildError(AttnscopeError):
     """A valid probe spec cannot be turned into a prompt of the requested length or depth."""
+
+
+class FilterError(AttnscopeError):
+    """A registry lookup filter names an unknown column or gives a value of the wrong kind."""
+
+
+class OfflineError(AttnscopeError):
+    """Data that must come from the Hub is unreachable (offline) and nothing is cached locally."""
