@@ -51,3 +51,8 @@ class FilterError(AttnscopeError):
 
 class OfflineError(AttnscopeError):
     """Data that must come from the Hub is unreachable (offline) and nothing is cached locally."""
+
+
+class BackendError(AttnscopeError):
+    """A backend (native, transformer_lens, nnsight) cannot run: its extra is not installed,
+    or it cannot run this kind of model."""
