@@ -35,3 +35,11 @@ class SpecError(AttnscopeError):
 
 class StoreError(AttnscopeError):
     """An HDF5 store is missing, corrupt, foreign or not writable."""
+
+
+class TextSourceError(AttnscopeError):
+    """A text (shipped corpus name or user file) cannot be found or read."""
+
+
+class ProbeBuildError(AttnscopeError):
+    """A valid probe spec cannot be turned into a prompt of the requested length or depth."""
