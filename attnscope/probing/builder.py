@@ -231,6 +231,13 @@ def _needles_stream(spec: ProbeSpec, seed: int, chars: int, exclude: set[str]) -
 
 # ---------------------------------------------------------------- exact-length fitting
 
+_START_SHIFTS = 8  # window starts (sentences) tried when no window end gives the exact length
+
+
+class _NoExactCut(ProbeBuildError):
+    """No window end gives the exact length for this window start."""
+
+
 def _fit_end(length_of: Callable[[int], int], ends: list[int], target: int, guess: int,
              what: str) -> int:
     """A window end e (a word end, else any character) with length_of(e) == target.
@@ -269,13 +276,20 @@ def _fit_end(length_of: Callable[[int], int], ends: list[int], target: int, gues
             hi = mid
     if length_of(ends[lo]) == target:
         return ends[lo]
-    # a word jumped over the target: try every character position near the bracket
-    for a, b in [(lo, hi)] + [(lo - k, lo - k + 1) for k in range(1, 6) if lo - k >= 0] + \
-            [(hi + k - 1, hi + k) for k in range(1, 6) if hi + k < len(ends)]:
-        for e in range(ends[a] + 1, ends[b]):
-            if length_of(e) == target:
-                return e
-    raise ProbeBuildError(f"{what}: no cut of the haystack gives exactly {target} tokens with this "
+    # a word jumped over the target. Segmentation is not strictly monotone (unigram models
+    # re-segment whole words), so look at nearby word ends first, then at every character
+    # between them, widening the neighbourhood
+    for radius in (4, 32):
+        near = range(max(0, lo - radius), min(len(ends), hi + radius + 1))
+        for j in near:
+            if length_of(ends[j]) == target:
+                return ends[j]
+        for j in near:
+            if j + 1 < len(ends):
+                for e in range(ends[j] + 1, ends[j + 1]):
+                    if length_of(e) == target:
+                        return e
+    raise _NoExactCut(f"{what}: no cut of the haystack gives exactly {target} tokens with this "
                           "tokenizer; try a neighbouring length or another seed")
 
 
@@ -435,24 +449,23 @@ def _build_niah(spec: ProbeSpec, tok: _Tok, L: int, depth: float, seed: int, cac
     if budget >= len(tok_ends):
         raise ProbeBuildError(f"{what}: the haystack holds {len(tok_ends)} tokens, fewer than the "
                               f"{budget} needed; use a longer text or a shorter length")
-    end = tok_ends[budget - 1]
-    placement = _place(stream, end, needles, tok_at, needle_tokens)
-    ends = [e for e in stream.word_ends if e > stream.start]
-    for _ in range(4):
-        def length_of(e: int, placement=placement) -> int:
-            pl = {min(b, e): v for b, v in placement.items()}
-            return tok.length(_render(head, stream, e, pl, needles, tail).text)
-        end = _fit_end(length_of, ends, L, end, what)
-        new = _place(stream, end, needles, tok_at, needle_tokens)
-        if new == placement:
+    # Fit the window end for exact length; a tokenizer can jump over the target at every
+    # possible end (e.g. '.\n\nA' adding 3 tokens), so then start the window a sentence later.
+    starts = [b for b in stream.sentence_starts if b >= stream.start][:_START_SHIFTS]
+    for shift, st in enumerate(starts):
+        stream.start = st
+        first = tok_at(st)
+        if first + budget > len(tok_ends):
             break
-        placement = new
-    else:
-        # placement and end keep trading places; keep the last placement and refit once more
-        def length_of(e: int, placement=placement) -> int:
-            return tok.length(_render(head, stream, e, placement, needles, tail).text)
-        end = _fit_end(length_of, ends, L, end, what)
-
+        try:
+            end, placement = _fit_niah(stream, tok, head, tail, needles, tok_at, needle_tokens,
+                                       L, tok_ends[first + budget - 1], what)
+            break
+        except _NoExactCut:
+            if shift == len(starts) - 1:
+                raise
+    else:  # pragma: no cover - the loop always breaks or raises
+        raise _NoExactCut(what)
     lay = _render(head, stream, end, placement, needles, tail)
     ids, offs, special = tok.encode(lay.text)
     if len(ids) != L:  # _fit_end checked this; a mismatch is a bug, not a user error
@@ -482,6 +495,34 @@ def _build_niah(spec: ProbeSpec, tok: _Tok, L: int, depth: float, seed: int, cac
     return Prompt(text=lay.text, token_ids=ids, length=L, depth_requested=depth,
                   depth_actual=depth_actual, seed=seed, spans=spans, answer=answer,
                   spec_hash=spec.content_hash, spec_name=spec.name, task=spec.task, needles=meta)
+
+
+def _fit_niah(stream: _Stream, tok: _Tok, head: str, tail: list[tuple[str, str]],
+              needles: list[_Needle], tok_at: Callable[[int], int], needle_tokens: list[int],
+              L: int, guess: int, what: str) -> tuple[int, dict[int, list[int]]]:
+    """(window end, placement) with an exact-length prompt; placement and end are refitted
+    together until neither changes (a needle moves to the new nearest boundary)."""
+    ends = [e for e in stream.word_ends if e > stream.start]
+    end = guess
+    placement = _place(stream, end, needles, tok_at, needle_tokens)
+    for _ in range(4):
+        def length_of(e: int, placement=placement) -> int:
+            pl: dict[int, list[int]] = {}
+            for b, v in sorted(placement.items()):
+                pl.setdefault(min(b, e), []).extend(v)
+            return tok.length(_render(head, stream, e, pl, needles, tail).text)
+        end = _fit_end(length_of, ends, L, end, what)
+        new = _place(stream, end, needles, tok_at, needle_tokens)
+        if new == placement:
+            return end, placement
+        placement = new
+    # the placement keeps moving with the end: keep the last one, fit the end to it
+    clipped: dict[int, list[int]] = {}
+    for b, v in sorted(placement.items()):
+        clipped.setdefault(min(b, end), []).extend(v)
+    if tok.length(_render(head, stream, end, clipped, needles, tail).text) != L:
+        raise _NoExactCut(f"{what}: needle placement and window end do not settle")
+    return end, clipped
 
 
 def _prose_tokens(spec: ProbeSpec, tok: _Tok, cache: dict) -> tuple[str, list[int], list[int]]:
@@ -522,15 +563,26 @@ def _build_natural(spec: ProbeSpec, tok: _Tok, L: int, offset: float, seed: int,
     target_char = offset * ok[-1]
     i = min(range(len(ok)), key=lambda j: abs(ok[j] - target_char))
     start = ok[min(i + seed, len(ok) - 1)]
-    stream = _Stream(text, start)
-    first_tok = bisect.bisect_right(tok_ends, start)
-    guess = tok_ends[min(first_tok + L - 1, len(tok_ends) - 1)]
-    ends = [e for e in stream.word_ends if e > start]
+    j = ok.index(start)
+    # if no window end gives the exact length, try the next sentences as starts (or earlier
+    # ones near the end of the text)
+    order = ok[j:j + _START_SHIFTS]
+    order += ok[max(0, j - (_START_SHIFTS - len(order))):j][::-1]
+    for shift, start in enumerate(order):
+        stream = _Stream(text, start)
+        first_tok = bisect.bisect_right(tok_ends, start)
+        guess = tok_ends[min(first_tok + L - 1, len(tok_ends) - 1)]
+        ends = [e for e in stream.word_ends if e > start]
 
-    def length_of(e: int) -> int:
-        return tok.length(_render(head, stream, e, {}, [], tail).text)
+        def length_of(e: int) -> int:
+            return tok.length(_render(head, stream, e, {}, [], tail).text)
 
-    end = _fit_end(length_of, ends, L, guess, what)
+        try:
+            end = _fit_end(length_of, ends, L, guess, what)
+            break
+        except _NoExactCut:
+            if shift == len(order) - 1:
+                raise
     lay = _render(head, stream, end, {}, [], tail)
     ids, offs, special = tok.encode(lay.text)
     if len(ids) != L:
