@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -310,6 +309,14 @@ def test_templates_longer_than_target(bpe_tok):
         build_prompts(spec, bpe_tok, lengths=[64], depths=[0.5])
 
 
+def test_bad_build_arguments(bpe_tok):
+    spec = load_spec(PROBES / "niah_single.toml")
+    with pytest.raises(ProbeBuildError, match="depth 1.5"):
+        build_prompts(spec, bpe_tok, lengths=[512], depths=[1.5])
+    with pytest.raises(ProbeBuildError, match="length 8"):
+        build_prompts(spec, bpe_tok, lengths=[8], depths=[0.5])
+
+
 def test_slow_tokenizer_is_refused():
     class Slow:
         is_fast = False
@@ -330,6 +337,11 @@ def test_cli_probe_build_json(tmp_path, bpe_tok):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert len(out) == 1 and out[0]["length"] == 512 and out[0]["spans"]["answer_position"] == [511, 512]
+    table = CliRunner().invoke(app, ["probe-build", "--spec", str(PROBES / "niah_multivalue.toml"),
+                                     "--tokenizer", str(tj), "--lengths", "1024", "--depths", "0,1",
+                                     "--seeds", "5"])
+    assert table.exit_code == 0, table.output
+    assert "niah_multivalue" in table.output and table.output.count("1024") >= 2
     bad = CliRunner().invoke(app, ["probe-build", "--spec", str(tmp_path / "none.toml"),
                                    "--tokenizer", str(tj)])
     assert bad.exit_code == 2 and "does not exist" in " ".join(bad.output.split())

@@ -381,6 +381,8 @@ def build_prompts(spec: ProbeSpec, tokenizer: Any, *, lengths: Sequence[int] | N
     seeds = list(spec.seeds if seeds is None else seeds)
     limit = _max_context(tokenizer, max_context)
     for L in lengths:
+        if isinstance(L, bool) or not isinstance(L, int) or L < 16:
+            raise ProbeBuildError(f"length {L!r} is not an integer >= 16 (tokens)")
         if limit is not None and L > limit:
             raise InputTooLongError(
                 f"probe length {L} tokens exceeds the model's context of {limit} tokens; "

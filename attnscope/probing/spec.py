@@ -234,10 +234,8 @@ def parse_spec(data: dict, source: str = "<spec>") -> ProbeSpec:
     answer_prefix = c.template(p, "answer_prefix", "prompt.answer_prefix",
                                DEFAULT_ANSWER_PREFIX if task == "niah" else "", {"value_kind", "query"})
     separator = c.string(p, "separator", "prompt.separator", default="\n")
-    if task == "niah" and not separator.strip() == "" :
-        raise c.fail("prompt.separator", separator, "expected whitespace only (e.g. '\\n' or ' ')")
-    if task == "niah" and separator == "":
-        raise c.fail("prompt.separator", separator, "expected non-empty whitespace (e.g. '\\n')")
+    if separator.strip() or not separator:
+        raise c.fail("prompt.separator", separator, "expected non-empty whitespace, e.g. '\\n' or ' '")
     prompt = PromptSpec(prefix, question, answer_prefix, separator)
     return ProbeSpec(name=name, task=task, grid=grid, description=description, seeds=tuple(seeds),
                      haystack=haystack, needle=needle, prompt=prompt, source=source)
