@@ -237,6 +237,51 @@ def revisions_cmd(
     _out.print(table)
 
 
+def _floats(s: Optional[str]) -> Optional[list[float]]:
+    return None if s is None else [float(x) for x in s.split(",") if x.strip()]
+
+
+def _ints(s: Optional[str]) -> Optional[list[int]]:
+    return None if s is None else [int(x) for x in s.split(",") if x.strip()]
+
+
+@app.command("probe-build")
+def probe_build(
+    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    tokenizer: str = typer.Option(..., "--tokenizer", "--model-tokenizer",
+                                  help="'smollm2', a .gguf, a tokenizer.json or a local model folder"),
+    lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
+    depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
+    max_context: Optional[int] = typer.Option(None, help="refuse lengths above this (default: the tokenizer's model_max_length)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (one object per prompt) instead of a table"),
+    with_text: bool = typer.Option(False, "--text", help="include the prompt text in the JSON"),
+) -> None:
+    """Build a probe's prompts and print their metadata (lengths, depths, spans, answers)."""
+    from attnscope.models.loading import load_tokenizer
+    from attnscope.probing.builder import build_prompts
+    from attnscope.probing.spec import load_spec
+
+    try:
+        ps = load_spec(spec)
+        tk = load_tokenizer(tokenizer)
+        prompts = build_prompts(ps, tk, lengths=_ints(lengths), depths=_floats(depths),
+                                seeds=_ints(seeds), max_context=max_context)
+    except (AttnscopeError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([p.to_dict(with_text=with_text) for p in prompts], indent=1))
+        return
+    table = Table(title=f"{ps.name}  (spec {ps.content_hash[:12]})")
+    for col in ("length", "depth", "actual", "seed", "needle", "answer position", "answer"):
+        table.add_column(col)
+    for p in prompts:
+        needle = p.spans.get("needle", p.spans.get("text"))
+        table.add_row(str(p.length), f"{p.depth_requested:g}", f"{p.depth_actual:.3f}", str(p.seed),
+                      str(needle), str(p.spans.get("answer_position", "-")), ", ".join(p.answer))
+    Console().print(table)
+
+
 def main() -> None:
     app()
 
