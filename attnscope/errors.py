@@ -35,3 +35,7 @@ class SpecError(AttnscopeError):
 
 class StoreError(AttnscopeError):
     """An HDF5 store is missing, corrupt, foreign or not writable."""
+
+
+class FeatureUnavailableError(AttnscopeError):
+    """A requested feature is not available in this installation (missing optional part or not built yet)."""
