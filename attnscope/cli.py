@@ -79,9 +79,11 @@ def tokens(
 
                 mb = copy.deepcopy(ma)  # the edit must not change model A
             mb = apply_ablation(mb, spec)
-        label_b = (model_b or model_a) + (f" [{spec}]" if spec else "")
+        label_a = Path(model_a).name if Path(model_a).exists() else model_a
+        label_b = (label_a if model_b is None else (Path(model_b).name if Path(model_b).exists() else model_b))
+        label_b += f" [{spec}]" if spec else ""
         paths = run_study(ma, mb, ta, tb if tb is not ta else None, docs, out, kinds=kinds,
-                          label_a=model_a, label_b=label_b, window=window, min_context=min_context,
+                          label_a=label_a, label_b=label_b, window=window, min_context=min_context,
                           batch_size=batch_size, tagger=tagger, min_repeat=min_repeat, n_boot=n_boot, seed=seed)
     except AttnscopeError as e:
         console.print(f"[red]error:[/] {e}")

@@ -473,6 +473,18 @@ def test_parse_ablation():
             parse_ablation(bad)
 
 
+def test_apply_ablation_says_when_the_core_lacks_it(llama_word):
+    import attnscope.capture as capture
+
+    from attnscope.errors import FeatureUnavailableError
+    from attnscope.tokens import apply_ablation
+
+    if hasattr(capture, "AttentionEdit"):
+        pytest.skip("the core provides attention edits; covered by its own tests")
+    with pytest.raises(FeatureUnavailableError, match="window:8,sinks:2"):
+        apply_ablation(llama_word, parse_ablation("window:8,sinks:2"))
+
+
 def test_cli_end_to_end(tmp_path, llama_word, tok_word, corpus):
     from typer.testing import CliRunner
 

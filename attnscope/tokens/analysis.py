@@ -152,8 +152,8 @@ def category_means(
         r = _bootstrap_category(table, mask, value, n_boot=n_boot, ci=ci, seed=seed)
         r["group"] = c
         rows.append(r)
-    out = pd.DataFrame(rows)
-    out = out.rename(columns={"group": "category"})
+    out = pd.DataFrame(rows).rename(columns={"group": "category"})
+    out[["n_tokens", "n_docs"]] = out[["n_tokens", "n_docs"]].astype(np.int64)
     return out[["category", "n_tokens", "n_docs", "mean", "ci_low", "ci_high"]]
 
 

@@ -50,7 +50,7 @@ def plot_category_gaps(means: pd.DataFrame, stem, *, title: str = "Mean loss gap
     ))
     pfig.update_layout(title=title, xaxis_title=xlabel, height=25 * len(df) + 150)
     html = stem.with_suffix(".html")
-    pfig.write_html(html, include_plotlyjs=True)
+    pfig.write_html(html, include_plotlyjs="directory")
     return paths + [html]
 
 
@@ -87,5 +87,5 @@ def plot_gap_vs_repeat(by_repeat: pd.DataFrame, stem, *, title: str = "Loss gap 
     ))
     pfig.update_layout(title=title, xaxis_title="repeat length (tokens)", yaxis_title=ylabel)
     html = stem.with_suffix(".html")
-    pfig.write_html(html, include_plotlyjs=True)
+    pfig.write_html(html, include_plotlyjs="directory")
     return paths + [html]

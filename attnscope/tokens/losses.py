@@ -335,7 +335,8 @@ def compare(
     docs = normalize_documents(documents)
     la = token_losses(model_a, tok_a, docs, **kwargs)
     tb = tok_a if tok_b is None else tok_b
-    lb = token_losses(model_b, tb, docs, **kwargs)
+    # the same model with the same tokenizer scores the same: skip the second pass
+    lb = la if (model_b is model_a and tb is tok_a) else token_losses(model_b, tb, docs, **kwargs)
     if _same_tokenizer(tok_a, tok_b):
         m = la.merge(
             lb[["doc_id", "token_index", "token_id", "loss", "context_len"]],
