@@ -260,6 +260,20 @@ def test_alignment_handcrafted():
     assert "the" not in set(align_losses(a_all, b)["token"])
 
 
+def test_alignment_with_byte_continuation_tokens():
+    # "é" split into two byte tokens: the second has an empty span and its loss
+    # belongs to the character before it, not to the next token
+    text = "a é b"
+    a = pd.DataFrame(dict(doc_id="x", token_index=[1, 2], char_start=[1, 3], char_end=[3, 5], token=[" é", " b"],
+                          token_id=[1, 2], loss_a=[5.0, 1.0], context_len=[1, 2]))
+    b = pd.DataFrame(dict(doc_id="x", token_index=[1, 2, 3], char_start=[1, 3, 3], char_end=[3, 3, 5],
+                          token=[" é", "", " b"], token_id=[1, 2, 3], loss=[2.0, 0.5, 0.25], context_len=[1, 2, 3]))
+    assert text[1:3] == " é"
+    m = align_losses(a, b).set_index("token")
+    assert m.loc[" é", "loss_b"] == pytest.approx(2.5) and m.loc[" é", "n_tokens_b"] == 2
+    assert m.loc[" b", "loss_b"] == pytest.approx(0.25) and m.loc[" b", "n_tokens_b"] == 1
+
+
 def test_compare_across_tokenizers(llama_word, tok_word, tok_bpe, corpus):
     model_b = _llama(len(tok_bpe), seed=3)
     kw = dict(window=128, min_context=32, progress=False)

@@ -269,6 +269,12 @@ def _same_tokenizer(tok_a, tok_b) -> bool:
         return False
 
 
+def _segment(common: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    right = np.searchsorted(common, starts, side="right") - 1
+    left = np.searchsorted(common, starts, side="left") - 1
+    return np.where(ends > starts, right, left)
+
+
 def align_losses(table_a: pd.DataFrame, table_b: pd.DataFrame) -> pd.DataFrame:
     """Map model B's token losses onto model A's tokens by character offsets.
 
@@ -295,9 +301,10 @@ def align_losses(table_a: pd.DataFrame, table_b: pd.DataFrame) -> pd.DataFrame:
         common = np.array(sorted(bounds_a & bounds_b))
         if len(common) < 2:
             continue
-        # segment index of every token = number of common boundaries <= its start, minus one
-        seg_a = np.searchsorted(common, a_s, side="right") - 1
-        seg_b = np.searchsorted(common, b_s, side="right") - 1
+        # segment of a token: the one its span lies in; an empty span (a byte token
+        # continuing the previous token's character) belongs to the segment ending there
+        seg_a = _segment(common, a_s, a_e)
+        seg_b = _segment(common, b_s, b_e)
         # spans never cross a common boundary; boundaries come from present (scored) tokens only,
         # so text covered by an unscored B token lies before the first segment and is never compared
         n_a = np.bincount(seg_a[seg_a >= 0], minlength=len(common))
