@@ -518,6 +518,9 @@ def test_cli_end_to_end(tmp_path, llama_word, tok_word, corpus):
             "--out", str(out), "--window", "64", "--min-context", "16", "--n-boot", "50", "--tagger", "lexicon"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
+    by_kind = pd.read_csv(out / "category_means_by_kind.csv")
+    assert set(by_kind["doc_kind"]) == {"prose", "code", "markup"}
+    assert by_kind.query("doc_kind == 'code'")["category"].str.contains("round").any()
     for f in ("regression.md", "regression.json", "category_means.csv", "gap_by_category.png",
               "gap_by_category.pdf", "gap_by_category.html", "gap_vs_repeat.png", "gap_vs_repeat.html"):
         assert (out / f).stat().st_size > 0, f

@@ -53,6 +53,7 @@ def run_study(
     """Compare two models token by token on ``documents`` and write everything to ``out``.
 
     Files: tokens.(parquet|csv.gz) (per-token table), category_means.csv,
+    category_means_by_kind.csv (when documents have more than one kind),
     filtered_losses.csv, gap_by_repeat.csv, regression.md, regression.json,
     figures gap_by_category.{png,pdf,html} and gap_vs_repeat.{png,pdf,html}.
     """
@@ -71,6 +72,17 @@ def run_study(
     means = category_means(table, cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat)
     means.to_csv(out / "category_means.csv", index=False)
     paths["category_means"] = out / "category_means.csv"
+    if kinds and table["doc_kind"].nunique() > 1:
+        # prose, code and markup differ in what their categories mean: also per kind
+        per_kind = []
+        for kind, sub in table.groupby("doc_kind"):
+            sub_ind = indicators(sub, min_repeat=min_repeat)
+            k_cats = [c for c in cats if c == "all" or (c in sub_ind and sub_ind[c].any())]
+            m = category_means(sub, k_cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat)
+            m.insert(0, "doc_kind", kind)
+            per_kind.append(m)
+        pd.concat(per_kind).to_csv(out / "category_means_by_kind.csv", index=False)
+        paths["category_means_by_kind"] = out / "category_means_by_kind.csv"
     filt = filtered_losses(table, n_boot=n_boot, seed=seed, min_repeat=min_repeat)
     filt.to_csv(out / "filtered_losses.csv", index=False)
     paths["filtered_losses"] = out / "filtered_losses.csv"
