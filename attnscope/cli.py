@@ -314,6 +314,109 @@ def doctor_cmd(
         raise typer.Exit(1)
 
 
+def _floats(s: Optional[str]) -> Optional[list[float]]:
+    return None if s is None else [float(x) for x in s.split(",") if x.strip()]
+
+
+def _ints(s: Optional[str]) -> Optional[list[int]]:
+    return None if s is None else [int(x) for x in s.split(",") if x.strip()]
+
+
+@app.command("probe-build")
+def probe_build(
+    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    tokenizer: str = typer.Option(..., "--tokenizer", "--model-tokenizer",
+                                  help="'smollm2', a .gguf, a tokenizer.json or a local model folder"),
+    lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
+    depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
+    max_context: Optional[int] = typer.Option(None, help="refuse lengths above this (default: the tokenizer's model_max_length)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (one object per prompt) instead of a table"),
+    with_text: bool = typer.Option(False, "--text", help="include the prompt text in the JSON"),
+) -> None:
+    """Build a probe's prompts and print their metadata (lengths, depths, spans, answers)."""
+    from attnscope.models.loading import load_tokenizer
+    from attnscope.probing.builder import build_prompts
+    from attnscope.probing.spec import load_spec
+
+    try:
+        ps = load_spec(spec)
+        tk = load_tokenizer(tokenizer)
+        prompts = build_prompts(ps, tk, lengths=_ints(lengths), depths=_floats(depths),
+                                seeds=_ints(seeds), max_context=max_context)
+    except (AttnscopeError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([p.to_dict(with_text=with_text) for p in prompts], indent=1))
+        return
+    table = Table(title=f"{ps.name}  (spec {ps.content_hash[:12]})")
+    for col in ("length", "depth", "actual", "seed", "needle", "answer position", "answer"):
+        table.add_column(col)
+    for p in prompts:
+        needle = p.spans.get("needle", p.spans.get("text"))
+        table.add_row(str(p.length), f"{p.depth_requested:g}", f"{p.depth_actual:.3f}", str(p.seed),
+                      str(needle), str(p.spans.get("answer_position", "-")), ", ".join(p.answer))
+    Console().print(table)
+
+
+def _load_model(name: str):
+    """(model, tokenizer) through attnscope.load."""
+    import attnscope
+
+    lm = attnscope.load(name)
+    return lm.model, lm.tokenizer
+
+
+@app.command()
+def tokens(
+    model_a: str = typer.Option(..., "--model-a", help="model A (the reference): name, folder or .gguf file"),
+    model_b: Optional[str] = typer.Option(None, "--model-b", help="model B; default: model A (use with --ablate-b)"),
+    corpus: Path = typer.Option(..., "--corpus", help=".jsonl (text[, id, kind]), a text file, or a folder of files"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    ablate_b: Optional[str] = typer.Option(None, "--ablate-b", help="attention edit for B: window:W[,sinks:K] or nosink:K"),
+    window: int = typer.Option(2048, help="tokens per scoring window"),
+    min_context: int = typer.Option(512, help="left context every token after the first window gets"),
+    batch_size: int = typer.Option(4, help="windows per forward pass"),
+    tagger: str = typer.Option("auto", help="POS tagger: auto, perceptron or lexicon"),
+    min_repeat: int = typer.Option(4, help="repeat length (tokens) from which a token counts as repeated"),
+    n_boot: int = typer.Option(1000, help="bootstrap replicates"),
+    seed: int = typer.Option(0, help="bootstrap seed"),
+    max_docs: Optional[int] = typer.Option(None, help="use only the first N documents"),
+):
+    """Compare two models token by token: gap = loss_A - loss_B (> 0: B better), by token category."""
+    from attnscope.tokens import apply_ablation, parse_ablation, read_corpus, run_study
+
+    try:
+        spec = parse_ablation(ablate_b) if ablate_b else None
+        docs, kinds = read_corpus(corpus)
+        if max_docs is not None:
+            docs = dict(list(docs.items())[:max_docs])
+        console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
+        ma, ta = _load_model(model_a)
+        if model_b is None or model_b == model_a:
+            mb, tb = ma, ta
+            if spec is None:
+                console.print("[yellow]model B is model A with no edit: every gap will be 0[/]")
+        else:
+            mb, tb = _load_model(model_b)
+        if spec is not None:
+            if mb is ma:
+                import copy
+
+                mb = copy.deepcopy(ma)  # the edit must not change model A
+            mb = apply_ablation(mb, spec)
+        label_a = Path(model_a).name if Path(model_a).exists() else model_a
+        label_b = (label_a if model_b is None else (Path(model_b).name if Path(model_b).exists() else model_b))
+        label_b += f" [{spec}]" if spec else ""
+        paths = run_study(ma, mb, ta, tb if tb is not ta else None, docs, out, kinds=kinds,
+                          label_a=label_a, label_b=label_b, window=window, min_context=min_context,
+                          batch_size=batch_size, tagger=tagger, min_repeat=min_repeat, n_boot=n_boot, seed=seed)
+    except AttnscopeError as e:
+        _fail(e)
+    for name, p in paths.items():
+        Console().print(f"  {name}: {p}")
+
+
 def main() -> None:
     app()
 

@@ -51,3 +51,7 @@ class FilterError(AttnscopeError):
 
 class OfflineError(AttnscopeError):
     """Data that must come from the Hub is unreachable (offline) and nothing is cached locally."""
+
+
+class FeatureUnavailableError(AttnscopeError):
+    """A requested feature is not available in this installation (missing optional part or not built yet)."""

@@ -384,3 +384,20 @@ def load(
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(hf_model, tokenizer, display, revision, source, path, torch_dtype, dev, info)
+
+
+def load_tokenizer(model: str, revision: str | None = None, *, trust_remote_code: bool = False):
+    """Only the tokenizer of a model: 'smollm2', a .gguf, a tokenizer.json, a folder or a Hub id."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if model.endswith(".json") and Path(model).is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=model)
+    source, path, _ = resolve(model, revision)
+    if source == "gguf":
+        path = str(convert_gguf(Path(path)))
+    try:
+        return AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code,
+            **({"revision": revision} if source == "hub" and revision else {}))
+    except OSError as exc:
+        raise _hub_error(exc, path, revision) from exc
