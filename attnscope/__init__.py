@@ -4,6 +4,7 @@ The public API is small:
     load(model, revision=None, ...)       -> LoadedModel
     analyze(model, text, metrics=..., ...) -> xarray.Dataset (dims layer, head, ...)
     save_result(ds, path) / read_result(path)
+    doctor(model, revision=None, ...)     -> DoctorReport (does the checkpoint run what it declares?)
 """
 
 __version__ = "0.1.0"
@@ -11,7 +12,8 @@ __version__ = "0.1.0"
 from attnscope.capture.interface import AttentionEdit, capture, set_edit  # noqa: E402
 from attnscope.capture.queries import QuerySelection  # noqa: E402
 from attnscope.metrics.analyze import analyze  # noqa: E402
+from attnscope.models.doctor import DoctorReport, doctor  # noqa: E402
 from attnscope.models.loading import LoadedModel, load  # noqa: E402
 
-__all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
+__all__ = ["load", "LoadedModel", "analyze", "doctor", "DoctorReport", "QuerySelection", "AttentionEdit", "set_edit",
            "capture", "__version__"]

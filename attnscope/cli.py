@@ -237,6 +237,83 @@ def revisions_cmd(
     _out.print(table)
 
 
+_STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _short(value) -> str:
+    """A measured/expected value in one table cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file or 'smollm2'"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the model's own code to run"),
+    as_name: Optional[str] = typer.Option(None, "--as",
+                                          help="compare with this OlmPool registry row (for local copies)"),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", "-f",
+                                             help="UTF-8 text for the loss check (default: shipped prose)"),
+    max_loss: float = typer.Option(8.0, help="loss (nats/token) above which the load counts as broken"),
+    reference_loss: Optional[float] = typer.Option(
+        None, help="a working model's loss on the same text; then the limit is it + --loss-margin"),
+    loss_margin: float = typer.Option(1.0, help="allowed excess over --reference-loss, in nats"),
+    loss_tokens: int = typer.Option(512, help="tokens of text to score"),
+    fix_rope: bool = typer.Option(True, "--fix-rope/--no-fix-rope",
+                                  help="repair a flat rope_theta lost on some layer types at load"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+) -> None:
+    """Check that MODEL runs the architecture its checkpoint declares (exit 1 if a check fails)."""
+    import logging
+
+    from attnscope.models.doctor import doctor
+
+    _quiet_transformers()
+    logging.getLogger("attnscope").setLevel(logging.ERROR)  # load fixes are in the report itself
+    try:
+        text = None
+        if text_file is not None:
+            if not text_file.is_file():
+                raise AttnscopeError(f"no such text file: {text_file}")
+            text = text_file.read_text(encoding="utf-8")
+        report = doctor(model, revision, trust_remote_code=trust_remote_code, text=text,
+                        as_name=as_name, fix_rope=fix_rope, max_loss=max_loss,
+                        reference_loss=reference_loss, loss_margin=loss_margin,
+                        loss_tokens=loss_tokens, dtype=dtype, device=device)
+    except AttnscopeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        rev = f"@{report.revision}" if report.revision else ""
+        reg = f", registry row {report.registry_name}" if report.registry_name else ""
+        table = Table(title=f"attnscope doctor: {report.model}{rev} ({report.model_class}{reg})")
+        for col in ("check", "scope", "status", "measured", "expected", "explanation"):
+            table.add_column(col, overflow="fold")
+        for c in report.checks:
+            style = _STATUS_STYLE[c.status]
+            table.add_row(c.name, c.scope, f"[{style}]{c.status}[/]", _short(c.measured),
+                          _short(c.expected), c.explanation)
+        _out.print(table)
+        n = report.counts()
+        _out.print(f"{n['pass']} passed, {n['warn']} warnings, {n['fail']} failed, {n['skip']} skipped")
+        for fix in report.info.get("fixes", []):
+            _out.print(f"[yellow]load fix:[/] {fix}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _floats(s: Optional[str]) -> Optional[list[float]]:
     return None if s is None else [float(x) for x in s.split(",") if x.strip()]
 

@@ -159,6 +159,8 @@ def _row_starts(mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
 
 
 def _layer_window(module, kwargs) -> int | None:
+    if getattr(module, "_attnscope_windows_off", False):
+        return None  # inside windows_disabled(): only the model's own mask limits attention
     window = kwargs.get("sliding_window")
     if window is None:
         window = getattr(module, "_attnscope_window", None)
@@ -314,6 +316,23 @@ def set_windows(model, windows: dict[int, int | None]) -> None:
     for m in model.modules():
         if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) in windows:
             m._attnscope_window = windows[m.layer_idx]
+
+
+@contextlib.contextmanager
+def windows_disabled(model) -> Iterator[None]:
+    """Inside, attnscope applies no sliding window of its own (neither the kernel's
+    `sliding_window=` argument nor windows declared with `set_windows`): only the model's mask
+    limits attention, which is what transformers' sdpa and eager kernels compute for it."""
+    mods = [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") or hasattr(m, "layer_idx")]
+    previous = [getattr(m, "_attnscope_windows_off", False) for m in mods]
+    for m in mods:
+        m._attnscope_windows_off = True
+    try:
+        yield
+    finally:
+        for m, p in zip(mods, previous):
+            m._attnscope_windows_off = p
 
 
 @contextlib.contextmanager

@@ -210,6 +210,8 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
             {str(i): (types[i] if types and i < len(types) else "no attention call") for i in skipped}),
         "windows": json.dumps({str(k): v for k, v in windows.items()}),
         "windows_assumed": bool(getattr(hf_model, "_attnscope_windows_assumed", False)),
+        # repairs and assumptions attnscope.load() made (flat rope theta, assumed window layout)
+        "load_fixes": json.dumps(list(getattr(hf_model, "_attnscope_load_fixes", []))),
         "attnscope_version": attnscope.__version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
