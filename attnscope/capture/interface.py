@@ -20,6 +20,8 @@ import torch.nn.functional as F
 ATTN_IMPLEMENTATION = "attnscope"
 # Elements of one block's [B, c, K] mask; bounds the extra memory of the blockwise path.
 _BLOCK_ELEMENTS = 1 << 24
+# At most this many queries (decoding steps) take the grouped path without KV expansion.
+_SMALL_T = 8
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,24 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
+def _few_queries(query, key, value, scale, q_offset, mask, window, edit, softcap, row_starts):
+    """Decoding steps (a few queries against a long cache): grouped matmuls, no per-head copy
+    of the cache, exact softmax in float32."""
+    B, H, T, d = query.shape
+    kvh = key.shape[1]
+    q = query.float().reshape(B, kvh, (H // kvh) * T, d)
+    s = torch.matmul(q, key.float().transpose(-1, -2)).view(B, H, T, -1) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    rows = torch.arange(T, device=query.device)
+    vis = _visibility(mask, rows, 0, key.shape[2], q_offset, window, edit, row_starts)[:, None]
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.matmul(p.view(B, kvh, (H // kvh) * T, -1), value.float()).view(B, H, T, d)
+    return out.to(query.dtype), lse
+
+
 def _blockwise(query, key, value, scale, q_offset, mask, window, edit, softcap, row_starts,
                need_lse: bool):
     """Attention output (and row log-sum-exp) in query blocks with an exact explicit mask."""
@@ -252,6 +272,9 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, _repeat_kv(key, q_rep), _repeat_kv(value, q_rep), 0.0, True, scale=scale)
         lse = lse.float() if need_lse else None
+    elif query.shape[2] <= _SMALL_T:
+        out, lse = _few_queries(query, key, value, scale, q_offset, mask, window, edit, softcap,
+                                row_starts)
     else:
         out, lse = _blockwise(query, key, value, scale, q_offset, mask, window, edit, softcap,
                               row_starts, need_lse)
