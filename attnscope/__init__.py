@@ -4,6 +4,8 @@ The public API is small:
     load(model, revision=None, ...)       -> LoadedModel
     analyze(model, text, metrics=..., ...) -> xarray.Dataset (dims layer, head, ...)
     save_result(ds, path) / read_result(path)
+    extract(models=..., revisions=..., probes=[...], out=store) -> ExtractReport   (batch)
+    open_store(path)                       -> Store (.tasks(), .get(), .select(), .summary())
 """
 
 __version__ = "0.1.0"
@@ -12,6 +14,8 @@ from attnscope.capture.interface import AttentionEdit, capture, set_edit  # noqa
 from attnscope.capture.queries import QuerySelection  # noqa: E402
 from attnscope.metrics.analyze import analyze  # noqa: E402
 from attnscope.models.loading import LoadedModel, load  # noqa: E402
+from attnscope.store.store import open_store  # noqa: E402
+from attnscope.batch.extract import extract  # noqa: E402
 
 __all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
-           "capture", "__version__"]
+           "capture", "extract", "open_store", "__version__"]
