@@ -200,7 +200,7 @@ def test_cli_dry_run_counts(world, reference):
     res = CliRunner().invoke(app, ["extract", "--models", "toy/tiny-a,toy/tiny-b", "--revisions", "all",
                                    "--probes", str(world["probe"]), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "3 checkpoint load(s)" in res.output and "12 task(s)" in res.output
+    assert "3 checkpoint(s)" in res.output and "12 task(s)" in res.output
     assert "12 done" in res.output and "to run: 0 task(s)" in res.output
 
 
@@ -311,6 +311,8 @@ def test_bad_inputs_get_one_clear_error(world, tmp_path):
     p = world["probe"]
     with pytest.raises(ModelNotFoundError, match="no_such_model"):
         attnscope.extract(["no_such_model"], "final", [p], tmp_path / "a.h5")
+    with pytest.raises(ModelNotFoundError, match="not in the Hub cache"):
+        attnscope.extract(["toy/absent"], "step1", [p], tmp_path / "a.h5")
     with pytest.raises(SpecError, match="does not exist"):
         attnscope.extract(["toy/tiny-a"], "step1", [tmp_path / "missing.toml"], tmp_path / "a.h5")
     assert not (tmp_path / "a.h5").exists() and not sidecar_dir(tmp_path / "a.h5").exists()

@@ -87,6 +87,12 @@ def extract(
     t_start = time.time()
     if executor not in ("local", "ray"):
         raise AttnscopeError(f"unknown executor {executor!r}: use 'local' or 'ray'")
+    if executor == "ray" and not dry_run:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise AttnscopeError("the ray executor needs Ray: pip install 'ray[default]' "
+                                 "(or use --executor local)") from None
     if retries < 0:
         raise AttnscopeError("retries must be >= 0")
     out = Path(out).expanduser().absolute()
@@ -155,7 +161,7 @@ def describe_plan(report: ExtractReport) -> list[str]:
     checkpoints = plan.groups()
     probes = {t.probe for t in plan.tasks}
     lines = [f"store: {report.store}",
-             f"{len(models)} model(s) x checkpoints = {len(checkpoints)} checkpoint load(s); "
+             f"{len(models)} model(s), {len(checkpoints)} checkpoint(s) (one load each); "
              f"{len(probes)} probe(s) ({', '.join(sorted(probes))}); {len(plan.tasks)} task(s)",
              f"already in the store: {report.already_done} done, {report.previously_failed} failed before "
              "(will be retried)",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from attnscope.batch.tasks import check_runnable, load_probe, task_params
+from attnscope.batch.tasks import check_runnable, load_probe, method_of, task_params
 from attnscope.errors import AttnscopeError, ModelNotFoundError
 
 PRE = "step34000"  # end of OlmPool pretraining
@@ -43,8 +43,13 @@ class Task:
     spec: Any = field(repr=False, default=None)
 
     @property
+    def method(self) -> str:
+        return method_of(self.spec)
+
+    @property
     def key(self) -> str:
-        return task_key(self.model.load_id, self.revision, self.probe_hash, self.params, self.dtype)
+        return task_key(self.model.load_id, self.revision, self.probe_hash, self.params, self.dtype,
+                        self.method)
 
     def label(self) -> str:
         rev = f"@{self.revision}" if self.revision else ""
@@ -55,13 +60,17 @@ class Task:
         """The attrs that name this task in the store."""
         return {"task_key": self.key, "task_model": self.model.name, "task_revision": self.revision or "",
                 "task_probe": self.probe, "task_probe_hash": self.probe_hash, "task_probe_file": self.probe_path,
-                "task_params": json.dumps(self.params, sort_keys=True), "task_dtype": self.dtype}
+                "task_params": json.dumps(self.params, sort_keys=True), "task_dtype": self.dtype,
+                "task_method": self.method}
 
 
-def task_key(load_id: str, revision: str | None, probe_hash: str, params: dict, dtype: str) -> str:
-    """sha256 over (model, revision, probe content hash, params, dtype), 20 hex digits."""
+def task_key(load_id: str, revision: str | None, probe_hash: str, params: dict, dtype: str,
+             method: str) -> str:
+    """sha256 over (model, revision, probe content hash, params, dtype, measuring method), 20 hex
+    digits. The method names the code that measures the probe kind, so a changed measurement is
+    re-run instead of silently mixed with old results."""
     blob = json.dumps({"model": load_id, "revision": revision, "probe": probe_hash, "params": params,
-                       "dtype": dtype}, sort_keys=True, separators=(",", ":"))
+                       "dtype": dtype, "method": method}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -124,7 +133,17 @@ def _one_model(name: str) -> ModelRef:
         return ModelRef(str(p), str(p), "local", **_local_shape(p))
     if source == "gguf":
         return ModelRef(name, name, "gguf")
+    _check_hub_cache(name)
     return ModelRef(name, name, "hub")
+
+
+def _check_hub_cache(hub_id: str) -> None:
+    """Offline, a Hub id that is not in the local cache can never load: say so before the batch."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not (Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}").is_dir():
+        raise ModelNotFoundError(f"unknown model {hub_id!r}: offline mode is on (HF_HUB_OFFLINE) and it is not in "
+                                 f"the Hub cache {constants.HF_HUB_CACHE}; download it first or fix the name")
 
 
 def resolve_models(models: str | Sequence[str]) -> list[ModelRef]:

@@ -98,6 +98,14 @@ def task_params(spec) -> list[dict[str, Any]]:
     return [{"length": int(L), "depth": float(d)} for L in spec.grid.lengths for d in spec.grid.depths]
 
 
+NATURAL_TEXT_METHOD = "analyze-window/1"  # bump when _natural_text measures differently
+
+
+def method_of(spec) -> str:
+    """Which code measures this probe kind (part of the task key)."""
+    return NATURAL_TEXT_METHOD if spec.task == "natural_text" else "run_probe"
+
+
 def check_runnable(spec) -> None:
     """Fail before a batch starts when a probe kind cannot be measured by this install."""
     if spec.task == "natural_text":

@@ -46,7 +46,8 @@ STORE_KIND = "store"
 STORE_SCHEMA = 1
 TASKS = "tasks"
 FAILURES = "failures"
-TASK_ATTRS = ("task_model", "task_revision", "task_probe", "task_probe_hash", "task_params", "task_dtype")
+TASK_ATTRS = ("task_model", "task_revision", "task_probe", "task_probe_hash", "task_params", "task_dtype",
+              "task_method")
 _SUMMARY_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance")
 
 __all__ = ["Store", "StoreWriter", "open_store", "sidecar_dir", "STORE_SCHEMA"]
@@ -365,7 +366,8 @@ class Store:
             for key, status, attrs, pending, file in self._sources():
                 ident = _identity(attrs)
                 row = {"key": key, "status": status, "model": ident["model"], "revision": ident["revision"],
-                       "probe": ident["probe"], "probe_hash": ident["probe_hash"], "dtype": ident["dtype"]}
+                       "probe": ident["probe"], "probe_hash": ident["probe_hash"], "dtype": ident["dtype"],
+                       "method": ident["method"]}
                 row.update(ident["params"])
                 row.update({"pending": pending, "error": _attr(attrs.get("error")) if status == "failed" else None,
                             "attempts": _attr(attrs.get("attempts")), "_file": str(file)})
@@ -475,7 +477,7 @@ class Store:
         raise StoreError(f"no failed task {key!r} in {self.path}")
 
 
-_FIXED_COLUMNS = {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "pending", "error",
+_FIXED_COLUMNS = {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "method", "pending", "error",
                   "attempts", "_file"}
 
 
