@@ -129,7 +129,9 @@ def _assert_same(a: dict, b: dict) -> None:
 def reference(world):
     """An uninterrupted local run: the standard the other runs are compared with."""
     out = world["base"] / "reference.h5"
-    report = _run(world, out, consolidate_ratio=0)
+    events = []
+    report = _run(world, out, consolidate_ratio=0, on_event=events.append)
+    report.events = events
     return out, report
 
 
@@ -158,6 +160,11 @@ def test_plan_expands_selectors_with_stable_keys(world):
 def test_full_run_store_readers_and_resume(world, reference):
     out, report = reference
     assert report.ok and report.succeeded == 12 and not report.failures
+    # one load per checkpoint, each followed by all of its tasks
+    stages = [e for e in report.events if e["event"] in ("load", "done")]
+    assert [e["label"] for e in stages if e["event"] == "load"] == [
+        "toy/tiny-a@step1", "toy/tiny-a@step2", "toy/tiny-b@step1"]
+    assert [e["event"] for e in stages] == (["load"] + ["done"] * 4) * 3
     store = attnscope.open_store(out)
     df = store.tasks()
     assert len(df) == 12 and set(df["status"]) == {"done"} and not df["pending"].any()
@@ -202,6 +209,17 @@ def test_cli_dry_run_counts(world, reference):
     assert res.exit_code == 0, res.output
     assert "3 checkpoint(s)" in res.output and "12 task(s)" in res.output
     assert "12 done" in res.output and "to run: 0 task(s)" in res.output
+
+
+def test_checkpoints_share_the_tokenised_text(world):
+    from attnscope.batch.runner import RunOptions, run_local
+    from attnscope.batch.tasks import TaskCache
+
+    plan = make_plan(["toy/tiny-a"], "all", [world["probe"]])
+    cache = TaskCache()
+    outcomes = list(run_local(plan.groups(), RunOptions(), lambda *a: None, cache=cache))
+    assert len(outcomes) == 8 and all(o.ok for o in outcomes)
+    assert len(cache.tokens) == 1 and cache.hits == 7  # tokenised once for both checkpoints
 
 
 # ------------------------------------------------------------------------------- SIGKILL
@@ -271,6 +289,30 @@ def test_recovery_from_every_crash_state(world, reference, tmp_path):
     assert not list(side.iterdir()) and not (tmp_path / "s.h5.tmp-xyz").exists()
     with h5py.File(out) as f:
         assert len(f["tasks"]) == 12
+
+
+def test_readers_see_pending_results_and_a_success_replaces_a_failure(reference, tmp_path):
+    src = attnscope.open_store(reference[0])
+    row = src.tasks().iloc[0]
+    ds = src.get(row["model"], row["revision"], row["probe"], length=row["length"], depth=row["depth"])
+    out = tmp_path / "p.h5"
+    writer = StoreWriter(out, consolidate_ratio=1e9)  # consolidate only when asked
+    with pytest.raises(StoreError, match="another attnscope process"):
+        StoreWriter(out)  # one writer per store
+    ident = {k: v for k, v in ds.attrs.items() if k.startswith("task_")}
+    writer.put_failure(row["key"], {**ident, "error": "OutOfMemoryError: boom", "traceback": "tb", "attempts": 2})
+    writer.consolidate()
+    failed = attnscope.open_store(out).tasks()
+    assert list(failed["status"]) == ["failed"] and failed["error"].iloc[0] == "OutOfMemoryError: boom"
+    writer.put(row["key"], ds)  # a later success, not yet consolidated
+    pending = attnscope.open_store(out).tasks()
+    assert list(pending["status"]) == ["done"] and bool(pending["pending"].iloc[0])
+    writer.close()
+    final = attnscope.open_store(out)
+    assert list(final.tasks()["status"]) == ["done"] and not final.tasks()["pending"].any()
+    with h5py.File(out) as f:
+        assert list(f["failures"]) == [] and list(f["tasks"]) == [row["key"]]
+    np.testing.assert_array_equal(final.get(row["model"], row["revision"], row["probe"]).sink_mass, ds.sink_mass)
 
 
 # ------------------------------------------------------------------------------- failures

@@ -132,10 +132,9 @@ def run_group(model: ModelRef, revision: str | None, tasks: list[Task], options:
 
 
 # ------------------------------------------------------------------------------- executors
-def run_local(groups, options: RunOptions, emit: Emit) -> Iterator[Outcome]:
-    cache_by_model: dict[str, TaskCache] = {}  # tokenised texts reused across a model's checkpoints
+def run_local(groups, options: RunOptions, emit: Emit, cache: TaskCache | None = None) -> Iterator[Outcome]:
+    cache = cache or TaskCache()  # tokenised texts, keyed by tokenizer: shared by all checkpoints
     for (model, revision), tasks in groups:
-        cache = cache_by_model.setdefault(model.load_id, TaskCache())
         yield from run_group(model, revision, tasks, options, emit, cache)
 
 

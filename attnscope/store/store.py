@@ -339,20 +339,25 @@ class Store:
 
     # -- index ---------------------------------------------------------------------------------
     def _sources(self) -> Iterable[tuple[str, str, Any, bool, Path]]:
-        """(key, status, attrs, pending, file) for every task, store first, then task files."""
-        seen = set()
+        """(key, status, attrs, pending, file) for every task: a result anywhere beats a failure,
+        a pending failure beats an older consolidated one, and a consolidated result beats its
+        not yet deleted task file."""
+        pending = _pending_files(self.side)
+        pending_done = {p.key for p in pending if not p.failed}
+        pending_failed = {p.key for p in pending if p.failed}
+        store_done: set[str] = set()
         if self.path.exists():
             with _open_store_file(self.path) as f:
-                for status, grp in (("done", TASKS), ("failed", FAILURES)):
-                    for key, g in f[grp].items():
-                        seen.add(key)
-                        yield key, status, dict(g.attrs), False, self.path
-        for p in _pending_files(self.side):
-            if p.key in seen and not p.failed:
-                continue  # consolidated, file not yet removed
+                for key, g in f[TASKS].items():
+                    store_done.add(key)
+                    yield key, "done", dict(g.attrs), False, self.path
+                for key, g in f[FAILURES].items():
+                    if key not in store_done and key not in pending_done and key not in pending_failed:
+                        yield key, "failed", dict(g.attrs), False, self.path
+        for p in pending:
+            if p.key in store_done or (p.failed and p.key in pending_done):
+                continue
             if p.failed:
-                if (self.side / f"{p.key}.h5").exists() or p.key in seen:
-                    continue
                 yield p.key, "failed", json.loads(p.path.read_text(encoding="utf-8")), True, p.path
             else:
                 with h5py.File(p.path, "r") as f:
