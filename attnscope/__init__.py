@@ -5,6 +5,9 @@ The public API is small:
     analyze(model, text, metrics=..., ...) -> xarray.Dataset (dims layer, head, ...)
     save_result(ds, path) / read_result(path)
     doctor(model, revision=None, ...)     -> DoctorReport (does the checkpoint run what it declares?)
+    extract(models=..., revisions=..., probes=[...], out=store) -> ExtractReport   (batch)
+    open_store(path)                       -> Store (.tasks(), .get(), .select(), .summary())
+>>>>>>> batch
 """
 
 __version__ = "0.1.0"
@@ -14,6 +17,8 @@ from attnscope.capture.queries import QuerySelection  # noqa: E402
 from attnscope.metrics.analyze import analyze  # noqa: E402
 from attnscope.models.doctor import DoctorReport, doctor  # noqa: E402
 from attnscope.models.loading import LoadedModel, load  # noqa: E402
+from attnscope.store.store import open_store  # noqa: E402
+from attnscope.batch.extract import extract  # noqa: E402
 
-__all__ = ["load", "LoadedModel", "analyze", "doctor", "DoctorReport", "QuerySelection", "AttentionEdit", "set_edit",
-           "capture", "__version__"]
+__all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
+           "capture", "doctor", "DoctorReport", "extract", "open_store", "__version__"]

@@ -417,6 +417,54 @@ def tokens(
         Console().print(f"  {name}: {p}")
 
 
+@app.command("extract")
+def extract_cmd(
+    models: list[str] = typer.Option(..., "--models", "-m",
+                                     help="OlmPool names, a filter like 'qk_norm=none,swa=1', 'all', Hub ids, "
+                                          "local folders, .gguf files or 'smollm2' (repeatable, comma-separated)"),
+    revisions: list[str] = typer.Option(["final"], "--revisions", "-r",
+                                        help="final | pre | post | all | names (comma-separated); "
+                                             "'pre,post' = step34000,longcontext-step2385"),
+    probes: list[Path] = typer.Option(..., "--probes", "-p", help="probe spec files (repeatable)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the HDF5 store (created, or resumed)"),
+    executor: str = typer.Option("local", help="local | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local Ray)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    retries: int = typer.Option(1, help="retries of a failing task (and of a failing load)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, what is done, a cost estimate"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the models' own code to run"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
+
+    Exit code 0: every task has a result; 1: some tasks failed (listed); 2: bad input."""
+    from attnscope.batch.extract import describe_plan, extract
+
+    _quiet_transformers()
+    try:
+        report = extract(models, revisions, [str(p) for p in probes], out, executor=executor,
+                         ray_address=ray_address, dtype=dtype, device=device, retries=retries,
+                         dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress)
+    except AttnscopeError as exc:
+        _fail(exc)
+    if dry_run:
+        for line in describe_plan(report):
+            _out.print(line, highlight=False)
+        return
+    _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
+               f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
+    if report.failures:
+        table = Table(title=f"{len(report.failures)} failed task(s) (tracebacks: attnscope.open_store(...).failure(key))")
+        for col in ("task", "key", "attempts", "error"):
+            table.add_column(col)
+        for f in report.failures:
+            table.add_row(f.label, f.key, str(f.attempts), f.error[:300])
+        _out.print(table)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
