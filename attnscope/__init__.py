@@ -7,7 +7,7 @@ The public API is small:
     doctor(model, revision=None, ...)     -> DoctorReport (does the checkpoint run what it declares?)
     extract(models=..., revisions=..., probes=[...], out=store) -> ExtractReport   (batch)
     open_store(path)                       -> Store (.tasks(), .get(), .select(), .summary())
->>>>>>> batch
+    run_probe(lm, "probes/niah_single.toml", lengths=[...]) -> xarray.Dataset (needle share, retrieval heads)
 """
 
 __version__ = "0.1.0"
@@ -19,6 +19,9 @@ from attnscope.models.doctor import DoctorReport, doctor  # noqa: E402
 from attnscope.models.loading import LoadedModel, load  # noqa: E402
 from attnscope.store.store import open_store  # noqa: E402
 from attnscope.batch.extract import extract  # noqa: E402
+from attnscope.probing.needle import run_probe  # noqa: E402
+from attnscope.store.hdf5 import read_result, save_result  # noqa: E402
 
 __all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
-           "capture", "doctor", "DoctorReport", "extract", "open_store", "__version__"]
+           "capture", "doctor", "DoctorReport", "extract", "open_store", "run_probe",
+           "save_result", "read_result", "__version__"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from attnscope.batch.tasks import check_runnable, load_probe, method_of, task_params
+from attnscope.batch.tasks import load_probe, method_of, task_params
 from attnscope.errors import AttnscopeError, ModelNotFoundError
 
 PRE = "step34000"  # end of OlmPool pretraining
@@ -222,7 +222,6 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
     specs = []
     for p in probes:
         spec = load_probe(p)
-        check_runnable(spec)
         specs.append((str(Path(p)), spec))
     refs = resolve_models(models)
     notes: list[str] = []

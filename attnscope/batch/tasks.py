@@ -14,82 +14,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
 
 from attnscope.errors import ProbeBuildError, SpecError
+from attnscope.probing.needle import run_probe
+from attnscope.probing.spec import load_spec
 
 # Metrics a natural-text task records (every streaming metric that needs no spans).
 NATURAL_TEXT_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile",
                         "distance_profile")
 
 
-# ------------------------------------------------------------------------------- probe specs
-@dataclass(frozen=True)
-class _Grid:
-    lengths: tuple[int, ...]
-    depths: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class _Haystack:
-    text: str = "loc_workshop"
-
-
-@dataclass(frozen=True)
-class _FallbackSpec:
-    """Read while attnscope.probing.spec is not installed: only what the batch layer uses."""
-
-    name: str
-    task: str
-    grid: _Grid
-    seeds: tuple[int, ...]
-    haystack: _Haystack
-    content_hash: str
-    source: str = field(default="", compare=False)
-
-
-def _load_fallback(path: Path) -> _FallbackSpec:
-    # Compatibility reader until attnscope.probing.spec (probes branch) is on main; it checks
-    # only the fields the batch layer needs, and its hash is of the file's parsed TOML.
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not valid TOML: {exc}") from exc
-    try:
-        grid = data["grid"]
-        spec = _FallbackSpec(
-            name=str(data["name"]), task=str(data["task"]),
-            grid=_Grid(tuple(int(x) for x in grid["lengths"]), tuple(float(x) for x in grid["depths"])),
-            seeds=tuple(int(s) for s in data.get("seeds", [0])),
-            haystack=_Haystack(str(data.get("haystack", {}).get("text", "loc_workshop"))),
-            content_hash=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(),
-            source=str(path))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"{path}: missing or invalid field {exc}; a probe spec needs name, task and "
-                        "[grid] lengths and depths (see probes/*.toml)") from exc
-    if spec.task not in ("niah", "natural_text"):
-        raise SpecError(f"{path}: field 'task' = {spec.task!r} is invalid: expected 'niah' or 'natural_text'")
-    return spec
-
-
 def load_probe(path: str | Path):
-    """Read and validate a probe spec file (attnscope.probing.spec.load_spec when available)."""
+    """Read and validate a probe spec file."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"probe spec {str(path)!r} does not exist (see probes/*.toml for examples)")
-    try:
-        from attnscope.probing.spec import load_spec
-    except ImportError:
-        return _load_fallback(path)
     return load_spec(path)
 
 
@@ -104,24 +47,6 @@ NATURAL_TEXT_METHOD = "analyze-window/1"  # bump when _natural_text measures dif
 def method_of(spec) -> str:
     """Which code measures this probe kind (part of the task key)."""
     return NATURAL_TEXT_METHOD if spec.task == "natural_text" else "run_probe"
-
-
-def check_runnable(spec) -> None:
-    """Fail before a batch starts when a probe kind cannot be measured by this install."""
-    if spec.task == "natural_text":
-        return
-    if _run_probe() is None:
-        raise SpecError(f"probe {spec.name!r} ({spec.source}) is a {spec.task!r} probe, measured by "
-                        "attnscope.probing.run_probe, which this attnscope does not have yet; "
-                        "run natural_text probes only, or update attnscope")
-
-
-def _run_probe():
-    try:
-        from attnscope.probing import run_probe
-    except ImportError:
-        return None
-    return run_probe
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -188,9 +113,5 @@ def run_task(lm, task, cache: TaskCache | None = None) -> xr.Dataset:
     spec, length, depth = task.spec, task.params["length"], task.params["depth"]
     if spec.task == "natural_text":
         return _natural_text(lm, spec, length, depth, cache)
-    # ---- NIAH DISPATCH: the probing layer measures needle probes ---------------------------
-    run_probe = _run_probe()
-    if run_probe is None:
-        raise SpecError(f"probe {spec.name!r} is a {spec.task!r} probe, which needs "
-                        "attnscope.probing.run_probe (not in this attnscope yet)")
+    # needle probes: the probing layer builds the prompts and measures them
     return run_probe(lm, spec, lengths=[length], depths=[depth])

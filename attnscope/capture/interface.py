@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "attnscope"
 # Elements of one block's [B, c, K] mask; bounds the extra memory of the blockwise path.

@@ -18,7 +18,6 @@ from attnscope.metrics.reductions import (
     DEFAULT_METRICS,
     RowPlan,
     StatsRecorder,
-    distance_bin_edges,
 )
 
 # Full maps beyond this many bytes are refused (override with pattern_limit_bytes=).
