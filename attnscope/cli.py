@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -149,7 +150,7 @@ def demo(
         result = save_result(ds, out / "smollm2_prose.h5")
         command = f"attnscope demo --out {out} --tokens {tokens}"
         png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
-                             title=f"SmolLM2-135M-Instruct: attention on the first 4 tokens "
+                             title=f"SmolLM2-135M-Instruct\nattention on the first 4 tokens "
                                    f"({len(ids)} tokens of prose)",
                              source=f"store: {result}; made by: {command}")
     except AttnscopeError as exc:
@@ -320,6 +321,54 @@ def _floats(s: Optional[str]) -> Optional[list[float]]:
 
 def _ints(s: Optional[str]) -> Optional[list[int]]:
     return None if s is None else [int(x) for x in s.split(",") if x.strip()]
+
+
+@app.command("probe")
+def probe_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
+    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file for the result"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision"),
+    lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
+    depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
+    no_decode: bool = typer.Option(False, "--no-decode", help="skip greedy decoding (no retrieval scores, no correctness)"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Run a probe's length x depth grid: needle share per layer and head, retrieval heads, answers."""
+    import attnscope
+    from attnscope.probing.needle import run_probe
+    from attnscope.store.hdf5 import save_result
+
+    _quiet_transformers()
+    try:
+        lm = attnscope.load(model, revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+        ds = run_probe(lm, str(spec), lengths=_ints(lengths), depths=_floats(depths),
+                       seeds=_ints(seeds), decode=not no_decode)
+        save_result(ds, out)
+    except AttnscopeError as exc:
+        _fail(exc)
+    table = Table(title=f"{ds.attrs['probe']} on {ds.attrs['model']}")
+    for col in ("length", "depth", "seed", "answer ok", "top needle head (final query)", "share / uniform"):
+        table.add_column(col)
+    if "needle_share" in ds:
+        share = ds.needle_share.sel(query_set="final", span="needle_value")
+        uniform = ds.uniform_share.sel(query_set="final", span="needle_value")
+        for L in ds.length.values:
+            for d in ds.depth.values:
+                for s in ds.seed.values:
+                    cell = share.sel(length=L, depth=d, seed=s)
+                    flat = int(np.nanargmax(cell.values))
+                    li, hi = np.unravel_index(flat, cell.shape)
+                    ok = bool(ds.correct.sel(length=L, depth=d, seed=s)) if "correct" in ds else None
+                    table.add_row(str(L), f"{d:g}", str(s), "-" if ok is None else ("yes" if ok else "no"),
+                                  f"L{int(cell.layer[li])}.H{hi} {float(cell.values[li, hi]):.3f}",
+                                  f"{float(cell.values[li, hi]) / float(uniform.sel(length=L, depth=d, seed=s)):.1f}x")
+    Console().print(table)
+    Console().print(f"wrote {out}")
 
 
 @app.command("probe-build")

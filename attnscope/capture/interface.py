@@ -159,7 +159,8 @@ def _row_starts(mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     return torch.where(seen.any(dim=-1), starts, torch.zeros_like(starts)).expand(batch)
 
 
-def _layer_window(module, kwargs) -> int | None:
+def layer_window(module, kwargs) -> int | None:
+    """The window a layer applies: its kernel kwarg, a declared override, or config.layer_types."""
     if getattr(module, "_attnscope_windows_off", False):
         return None  # inside windows_disabled(): only the model's own mask limits attention
     window = kwargs.get("sliding_window")
@@ -244,7 +245,7 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     """The registered attention function (signature fixed by transformers' AttentionInterface)."""
     layer = _layer_index(module)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    window = _layer_window(module, kwargs)
+    window = layer_window(module, kwargs)
     edit = getattr(module, "_attnscope_edit", None)
     if edit is not None and not edit.applies(layer):
         edit = None
@@ -320,10 +321,6 @@ def register() -> None:
     # Without a mask function under the same name, padded batches arrive with mask=None.
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     _REGISTERED = True
-
-
-def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") or hasattr(m, "_attnscope_layer")]
 
 
 def set_edit(model, edit: AttentionEdit | None) -> None:

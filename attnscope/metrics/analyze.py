@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from attnscope.capture.interface import capture
+from attnscope.capture.interface import capture, layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
 from attnscope.metrics.reductions import (
@@ -185,9 +185,7 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     for mod in hf_model.modules():
         idx = getattr(mod, "layer_idx", None)
         if idx is not None and idx in recorder.results and type(mod).__name__.endswith("Attention"):
-            from attnscope.capture.interface import _layer_window
-
-            windows[int(idx)] = _layer_window(mod, {"sliding_window": getattr(mod, "sliding_window", None)})
+            windows[int(idx)] = layer_window(mod, {"sliding_window": getattr(mod, "sliding_window", None)})
     import transformers
 
     import attnscope

@@ -274,7 +274,7 @@ def _native_effective_theta(hf_model, native_config):
 def _apply_windows(hf_model) -> dict:
     """Declare every window the config gives (attnscope's attention function then applies it,
     whatever the model's kernel would do) and record what was applied and what was assumed."""
-    from attnscope.capture.interface import _layer_window, set_windows
+    from attnscope.capture.interface import layer_window, set_windows
     from attnscope.models.introspect import attention_layout
 
     try:
@@ -288,7 +288,7 @@ def _apply_windows(hf_model) -> dict:
     for m in hf_model.modules():
         idx = getattr(m, "layer_idx", None)
         if idx is not None and type(m).__name__.endswith("Attention"):
-            applied[int(idx)] = _layer_window(m, {"sliding_window": getattr(m, "sliding_window", None)})
+            applied[int(idx)] = layer_window(m, {"sliding_window": getattr(m, "sliding_window", None)})
     windows = {li.index: applied.get(li.index, li.sliding_window) for li in attn}
     assumed = any(li.window_assumed for li in attn)
     hf_model._attnscope_windows_assumed = assumed  # read by analyze() into its attrs
