@@ -75,7 +75,8 @@ def plot_gap_vs_repeat(by_repeat: pd.DataFrame, stem, *, title: str = "Loss gap 
     order = [b for b in by_repeat["bin"].drop_duplicates()]
     pos = {b: k for k, b in enumerate(order)}
     names = {"all": "all tokens",
-             "near": "earlier copy within the window" + (f" (≤ {far} tokens back)" if far else ""),
+             "near": "earlier copy within the window" + (f" (≤ {far} tokens back)" if far else "")
+                     + "; bin 0: no copy",
              "far": "earlier copy beyond the window" + (f" (> {far} tokens back)" if far else "")}
     ylabel = f"mean gap loss({label_a}) − loss({label_b}), nats"
     fig, ax = plt.subplots(figsize=(6.5, 4))
