@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from attnscope.capture.interface import AttentionEdit, set_edit, using_attnscope
+from attnscope.capture.interface import ATTN_IMPLEMENTATION, AttentionEdit, register, set_edit, using_attnscope
 from attnscope.errors import SpecError
 
 __all__ = ["parse_ablation", "apply_ablation", "ablated", "current_edit"]
@@ -91,14 +91,21 @@ def current_edit(model) -> AttentionEdit | None:
 def apply_ablation(model, edit: str | AttentionEdit | None):
     """Set (or with None remove) an attention edit on ``model`` in place, and return it.
 
-    The model must run attention through attnscope (``attnscope.load`` does
-    that); for any other transformers model use :func:`ablated`, which switches
-    the attention implementation for the duration. No weights are copied: to
-    compare a model with its ablated self, score it, apply the edit, score it
-    again, then remove the edit (``apply_ablation(model, None)``); this is what
-    ``compare``/``run_study`` do with ``ablate_b=``.
+    Setting an edit also routes the model's attention through attnscope's
+    function when it is not already (``attnscope.load`` models already are;
+    without an edit that function computes what sdpa computes). :func:`ablated`
+    does the same for a block and restores everything afterwards. No weights
+    are copied: to compare a model with its ablated self, score it, apply the
+    edit, score it again, then remove the edit (``apply_ablation(model, None)``);
+    this is what ``compare``/``run_study`` do with ``ablate_b=``.
     """
-    set_edit(model, None if edit is None else parse_ablation(edit))
+    if edit is not None:
+        edit = parse_ablation(edit)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            register()
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    set_edit(model, edit)
     return model
 
 
