@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attnscope.errors import AttnscopeError, SpecError
+from attnscope.errors import AttnscopeError
 from attnscope.tokens import (
     ablated,
     align_losses,
