@@ -56,3 +56,7 @@ class OfflineError(AttnscopeError):
 class BackendError(AttnscopeError):
     """A backend (native, transformer_lens, nnsight) cannot run: its extra is not installed,
     or it cannot run this kind of model."""
+
+
+class FeatureUnavailableError(AttnscopeError):
+    """A requested feature is not available in this installation (missing optional part or not built yet)."""

@@ -26,7 +26,7 @@ import ast
 import torch
 
 from attnscope.backends import ModelSource, require, row_lse
-from attnscope.capture.interface import LayerAttention, _bool_mask, _layer_window, _row_starts
+from attnscope.capture.interface import LayerAttention, _bool_mask, layer_window, _row_starts
 from attnscope.errors import BackendError, UnsupportedModelError
 
 _INTERFACE_SOURCES = ("ALL_ATTENTION_FUNCTIONS", "get_interface", "eager_attention_forward",
@@ -192,7 +192,7 @@ def _trace(nn_model, wanted, labels, observer, input_ids):
                 mask = _bool_mask(args[4] if len(args) > 4 else kwargs.get("attention_mask"))
                 scale = kwargs.get("scaling")
                 scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
-                window = _layer_window(module, kwargs)
+                window = layer_window(module, kwargs)
                 if window is not None and window >= key.shape[2]:
                     window = None
                 attn = LayerAttention(int(module.layer_idx), query, key, scale,

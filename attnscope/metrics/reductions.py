@@ -39,6 +39,15 @@ def _distance_bins(dist: torch.Tensor) -> torch.Tensor:
     return torch.where(dist <= 0, torch.zeros_like(dist), torch.floor(torch.log2(d)).long() + 1)
 
 
+def keyset_probs(attn: LayerAttention, b: int, q_rows: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
+    """[H, Q, K] exact probabilities of keys k_lo..k_hi-1 for query rows q_rows of batch row b
+    (0 where not visible): exp(score - lse), O(Q * K) per head."""
+    s = attn.scores(b, q_rows, slice(k_lo, k_hi))
+    vis = attn.visible(q_rows, k_lo, k_hi)[b]
+    p = torch.exp(s - attn.lse[b][:, q_rows, None])
+    return torch.where(vis[None], p, torch.zeros_like(p))
+
+
 @dataclass
 class RowPlan:
     """What to compute for one batch row: its real tokens and the chosen queries."""
@@ -61,7 +70,8 @@ class StatsRecorder:
         self.sink_tokens = sink_tokens
         self.bins = bins
         self.layers = None if layers is None else set(layers)
-        self.needs_lse = any(m in KEYSET_METRICS for m in self.metrics)
+        # the fused kernel returns each row's log-sum-exp for free; row metrics reuse it too
+        self.needs_lse = any(m in KEYSET_METRICS + ROW_METRICS for m in self.metrics)
         self.dist_edges = distance_bin_edges(max_length or max(p.length for p in plans))
         self.results: dict[int, list[dict[str, np.ndarray]]] = {}
 
@@ -84,11 +94,7 @@ class StatsRecorder:
         self.results[attn.layer] = per_row
 
     def _keyset_mass(self, attn, b, q_rows, k_lo, k_hi) -> torch.Tensor:
-        """[H, Q, K] probabilities of keys k_lo..k_hi-1 (0 where not visible)."""
-        s = attn.scores(b, q_rows, slice(k_lo, k_hi))
-        vis = attn.visible(q_rows, k_lo, k_hi)[b]
-        p = torch.exp(s - attn.lse[b][:, q_rows, None])
-        return torch.where(vis[None], p, torch.zeros_like(p))
+        return keyset_probs(attn, b, q_rows, k_lo, k_hi)
 
     def _keyset(self, attn, b, start, q_rows, plan) -> dict[str, np.ndarray]:
         out = {}
@@ -106,48 +112,51 @@ class StatsRecorder:
         return {k: v for k, v in out.items() if k in self.metrics}
 
     def _rows(self, attn, b, start, q_rows, plan) -> dict[str, np.ndarray]:
+        # Cost is dominated by elementwise passes over [H, chunk, K]; each pass below is needed:
+        # scores (matmul), + mask bias, - lse, exp. Every reduction after that is a matmul or
+        # a vector dot, so adding metrics is nearly free.
         H = attn.n_heads
         dev = attn.query.device
         want = set(self.metrics)
-        ent = torch.zeros(H, dtype=torch.float64, device=dev)
-        dist = torch.zeros(H, dtype=torch.float64, device=dev)
-        prof = torch.zeros(H, self.bins, dtype=torch.float64, device=dev)
+        sums = {m: torch.zeros((H,) + shape, dtype=torch.float64, device=dev) for m, shape in (
+            ("entropy", ()), ("mean_distance", ()), ("position_profile", (self.bins,)),
+            ("distance_profile", (len(self.dist_edges),))) if m in want}
         n_dist = len(self.dist_edges)
-        dprof = torch.zeros(H, n_dist, dtype=torch.float64, device=dev)
         q_abs_all = q_rows + attn.q_offset
         local = attn.window
         if attn.edit is not None and attn.edit.window is not None and not attn.edit.keep_sinks:
             local = attn.edit.window if local is None else min(local, attn.edit.window)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, H * (plan.length if local is None else min(local, plan.length))))
+        span = plan.length if local is None else min(local, plan.length)
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, H * span))
         for c0 in range(0, len(q_rows), chunk):
             rows = q_rows[c0:c0 + chunk]
             qa = q_abs_all[c0:c0 + chunk]
             k_hi = int(qa.max()) + 1
             k_lo = start if local is None else max(start, int(qa.min()) - local + 1)
-            s = attn.scores(b, rows, slice(k_lo, k_hi))  # [H, c, K]
+            logp = attn.scores(b, rows, slice(k_lo, k_hi))  # [H, c, K]
             vis = attn.visible(rows, k_lo, k_hi)[b]  # [c, K]
-            s = s.masked_fill(~vis[None], float("-inf"))
-            logp = s - torch.logsumexp(s, dim=-1, keepdim=True)
+            # a finite -1e30 instead of -inf: p = 0 there and p * log p stays 0, not NaN
+            logp.add_(torch.zeros(vis.shape, device=dev).masked_fill_(~vis, -1e30))
+            logp.sub_(attn.lse[b][:, rows, None] if attn.lse is not None
+                      else torch.logsumexp(logp, dim=-1, keepdim=True))
             p = torch.exp(logp)
             j = torch.arange(k_lo, k_hi, device=dev)
             if "entropy" in want:
-                ent += -torch.where(vis[None], p * logp, torch.zeros_like(p)).sum((-1, -2)).double()
-            d = qa[:, None] - j[None, :]  # [c, K]
-            if "mean_distance" in want:
-                dist += (p * d[None].float()).sum((-1, -2)).double()
+                sums["entropy"] -= torch.linalg.vecdot(p, logp).sum(-1).double()
+            if "mean_distance" in want:  # sum_j p_j (i - j) = i - sum_j p_j j
+                sums["mean_distance"] += (qa.float()[None] - torch.matmul(p, j.float())).sum(-1).double()
             if "position_profile" in want:
-                bin_idx = ((j - start) * self.bins) // plan.length
-                onehot = torch.nn.functional.one_hot(bin_idx.clamp(0, self.bins - 1), self.bins)
-                prof += torch.matmul(p, onehot.to(p.dtype)).sum(1).double()
+                bin_idx = (((j - start) * self.bins) // plan.length).clamp(0, self.bins - 1)
+                onehot = torch.nn.functional.one_hot(bin_idx, self.bins).to(p.dtype)
+                sums["position_profile"] += torch.matmul(p, onehot).sum(1).double()
             if "distance_profile" in want:
-                idx = _distance_bins(d).clamp(max=n_dist - 1)
+                idx = _distance_bins(qa[:, None] - j[None, :]).clamp(max=n_dist - 1)
                 acc = torch.zeros(H, len(rows), n_dist, dtype=p.dtype, device=dev)
                 acc.scatter_add_(2, idx[None].expand(H, -1, -1), p)
-                dprof += acc.sum(1).double()
+                sums["distance_profile"] += acc.sum(1).double()
+            del logp, p
         n = len(q_rows)
-        out = {"entropy": ent / n, "mean_distance": dist / n, "position_profile": prof / n,
-               "distance_profile": dprof / n}
-        return {k: v.cpu().numpy() for k, v in out.items() if k in want}
+        return {k: (v / n).cpu().numpy() for k, v in sums.items()}
 
     def _pattern(self, attn, b, start, plan) -> np.ndarray:
         rows = torch.arange(start, start + plan.length, device=attn.query.device) - attn.q_offset
