@@ -155,3 +155,14 @@ def test_cli_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no such text file" in proc.stderr
+
+
+def test_text_variables_round_trip(tmp_path):
+    import xarray as xr
+
+    ds = xr.Dataset({"generated": (("length", "depth"), np.array([[": 5541669", "a"], ["b", "ü"]])),
+                     "one": ((), "abc"), "correct": (("length",), np.array([True, False]))},
+                    coords={"length": [1024, 2048], "depth": [0.25, 0.75]})
+    back = read_result(save_result(ds, tmp_path / "t.h5"))
+    assert back.generated.values.tolist() == ds.generated.values.tolist()
+    assert str(back.one.values) == "abc" and back.correct.values.tolist() == [True, False]

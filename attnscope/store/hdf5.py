@@ -48,8 +48,11 @@ def write_dataset(group: h5py.Group, ds: xr.Dataset) -> None:
             coords.create_dataset(name, data=values)
         coords[name].attrs["dims"] = json.dumps(list(coord.dims))
     for name, var in ds.data_vars.items():
-        big = var.size > 4096
-        dset = group.create_dataset(name, data=var.values, compression="gzip" if big else None,
+        values = var.values
+        if values.dtype.kind in "UO":  # text variables (e.g. generated answers) as UTF-8 strings
+            values = np.array(values.astype(str).tolist(), dtype=h5py.string_dtype())
+        big = var.size > 4096 and values.dtype.kind != "O"
+        dset = group.create_dataset(name, data=values, compression="gzip" if big else None,
                                     shuffle=big)
         dset.attrs["dims"] = json.dumps(list(var.dims))
         for key, value in var.attrs.items():
@@ -75,7 +78,11 @@ def read_dataset(group: h5py.Group) -> xr.Dataset:
         if name == "coords" or not isinstance(dset, h5py.Dataset):
             continue
         attrs = {k: v for k, v in dset.attrs.items() if k != "dims"}
-        data_vars[name] = (json.loads(dset.attrs["dims"]), dset[()], attrs)
+        values = dset[()]
+        if dset.dtype.kind == "O":
+            values = np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[str])(values) \
+                if np.ndim(values) else np.array(values.decode() if isinstance(values, bytes) else values)
+        data_vars[name] = (json.loads(dset.attrs["dims"]), values, attrs)
     attrs = {}
     for key, value in group.attrs.items():
         if key in ("attnscope_kind", "attnscope_schema"):
