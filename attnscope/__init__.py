@@ -12,6 +12,7 @@ from attnscope.capture.interface import AttentionEdit, capture, set_edit  # noqa
 from attnscope.capture.queries import QuerySelection  # noqa: E402
 from attnscope.metrics.analyze import analyze  # noqa: E402
 from attnscope.models.loading import LoadedModel, load  # noqa: E402
+from attnscope.report import accessor as _accessor  # noqa: E402,F401  (registers ds.attnscope)
 
 __all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
            "capture", "__version__"]

@@ -1,0 +1,302 @@
+"""Tables for the report: the only module that reads a batch store.
+
+Everything downstream (statistics, figures, the HTML page) works on the DataFrames and
+DataArrays built here, so it can be tested from `attnscope.analyze` results without a store.
+
+    summary_table(source)      one row per task x layer (head means), as `Store.summary()`
+    metrics_table(source)      one row per model x revision x probe (means over layers and heads)
+    layer_profiles(source)     one row per model x revision x probe x layer
+    head_maps(source, metric)  {(model, revision, probe): DataArray(layer, head)}
+    model_table(source, ...)   one row per model: chosen revision's metrics joined with the registry
+    registry_table()           the OlmPool registry's scores and features, one row per model
+
+`source` is a store path, an open `attnscope.store.Store`, or (for tables built from the
+summary) a DataFrame shaped like `Store.summary()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from attnscope.errors import AttnscopeError, FeatureUnavailableError, StoreError
+
+SCORES = ("helmet_8k", "helmet_16k", "helmet_32k", "helmet_64k", "ruler_4k", "ruler_8k", "ruler_16k",
+          "ruler_32k", "ruler_64k", "longppl")
+INDICATORS = ("has_qk_norm", "has_gqa", "has_swa", "has_short_ctx")
+FEATURES = ("qk_norm", "norm", "kv_heads", "pretrain_ctx", "swa", "fp8", *INDICATORS, "harmful_count")
+# head-mean metrics that Store.summary() gives per layer; span masses come as span_mass_<span>
+LAYER_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance")
+NEEDLE_SPAN = "needle"
+KEYS = ("model", "revision", "probe")
+STAGE_ORDER = {"pretrain": 0, "longcontext": 1, "main": 2, "other": 3}
+
+__all__ = ["SCORES", "INDICATORS", "open_store", "summary_table", "metrics_table", "layer_profiles",
+           "head_maps", "registry_table", "registry_name", "model_table", "revision_order",
+           "choose_revision", "store_label", "checkpoint_table", "needle_table"]
+
+
+# ------------------------------------------------------------------------------------ sources
+def open_store(path: str | os.PathLike):
+    """Open a batch store for reading (`attnscope.store.open_store`)."""
+    try:
+        from attnscope.store import open_store as _open
+    except ImportError as exc:
+        raise FeatureUnavailableError("this attnscope has no batch store reader (attnscope.store.open_store); "
+                                      "update attnscope, or use --registry-only") from exc
+    path = Path(path).expanduser()
+    return _open(path)
+
+
+def _store(source):
+    if isinstance(source, (str, os.PathLike)):
+        return open_store(source)
+    return source
+
+
+def store_label(source) -> str:
+    """How a figure or report names its data: the store's path, or 'registry only'."""
+    if source is None:
+        return "registry only (no store)"
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).expanduser().absolute())
+    if isinstance(source, pd.DataFrame):
+        return str(source.attrs.get("store", "in-memory table"))
+    return str(getattr(source, "path", source))
+
+
+def summary_table(source) -> pd.DataFrame:
+    """One row per finished task x layer with head means (`Store.summary()`), revision '' -> None
+    normalised to the string '' so that group-bys keep tasks without a revision."""
+    if isinstance(source, pd.DataFrame):
+        df = source.copy()
+    else:
+        store = _store(source)
+        df = store.summary()
+        df.attrs["store"] = store_label(getattr(store, "path", source))
+    if df.empty:
+        raise StoreError(f"{store_label(source)} has no finished task to report on; run `attnscope batch` first")
+    missing = [c for c in (*KEYS, "layer") if c not in df.columns]
+    if missing:
+        raise StoreError(f"summary table lacks columns {missing}; it is not a Store.summary() table")
+    df["revision"] = df["revision"].map(lambda r: r if isinstance(r, str) else "")
+    return df
+
+
+def _metric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c in LAYER_METRICS or c.startswith("span_mass_")]
+
+
+def layer_profiles(source) -> pd.DataFrame:
+    """Per model x revision x probe x layer: each metric's mean over tasks (grid points) and heads."""
+    df = summary_table(source)
+    cols = _metric_columns(df)
+    out = df.groupby([*KEYS, "layer"], sort=True, dropna=False)[cols].mean().reset_index()
+    out.attrs = dict(df.attrs)
+    return out
+
+
+def metrics_table(source) -> pd.DataFrame:
+    """Per model x revision x probe: each metric's mean over layers, heads and the probe's grid
+    points, `needle_share` (= span_mass_needle) when a needle span exists, and `n_tasks`."""
+    df = summary_table(source)
+    cols = _metric_columns(df)
+    g = df.groupby(list(KEYS), sort=True, dropna=False)
+    out = g[cols].mean()
+    out["n_tasks"] = g["key"].nunique() if "key" in df.columns else np.nan
+    out["n_layers"] = g["layer"].nunique()
+    out = out.reset_index()
+    if f"span_mass_{NEEDLE_SPAN}" in out.columns:
+        out["needle_share"] = out[f"span_mass_{NEEDLE_SPAN}"]
+    out.attrs = dict(df.attrs)
+    return out
+
+
+def head_maps(source, metric: str = "sink_mass", *, revision: str | None = None,
+              probe: str | None = None) -> dict[tuple[str, str, str], xr.DataArray]:
+    """Layer x head maps of `metric` per model x revision x probe, averaged over the probe's grid
+    points (and any dim other than layer and head)."""
+    store = _store(source)
+    tasks = store.tasks()
+    if tasks.empty:
+        raise StoreError(f"{store_label(source)} has no tasks")
+    tasks = tasks[tasks["status"] == "done"].copy()
+    tasks["revision"] = tasks["revision"].map(lambda r: r if isinstance(r, str) else "")
+    if revision is not None:
+        tasks = tasks[tasks["revision"] == revision]
+    if probe is not None:
+        tasks = tasks[tasks["probe"] == probe]
+    param_cols = [c for c in tasks.columns if c not in
+                  {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "pending", "error",
+                   "attempts"}]
+    out: dict[tuple[str, str, str], xr.DataArray] = {}
+    for key, group in tasks.groupby(list(KEYS), sort=True):
+        maps = []
+        for _, row in group.iterrows():
+            params = {c: row[c] for c in param_cols if not _isnan(row[c])}
+            ds = store.get(row["model"], row["revision"] or None, row["probe_hash"], **params)
+            if metric not in ds:
+                continue
+            da = ds[metric]
+            extra = [d for d in da.dims if d not in ("layer", "head")]
+            maps.append(da.mean(extra) if extra else da)
+        if maps:
+            da = xr.concat(maps, dim="grid").mean("grid") if len(maps) > 1 else maps[0]
+            out[key] = da.transpose("layer", "head").assign_attrs(
+                model=key[0], revision=key[1], probe=key[2], metric=metric, n_tasks=len(maps))
+    if not out:
+        raise StoreError(f"no finished task in {store_label(source)} has the metric {metric!r}")
+    return out
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and np.isnan(v)
+
+
+# ------------------------------------------------------------------------------------ registry
+def registry_table() -> pd.DataFrame:
+    """OlmPool scores and features, one row per model (with provenance in `.attrs`)."""
+    from attnscope.models import olmpool
+
+    reg = olmpool.registry()
+    cols = ["name", "hf_name", *FEATURES, *SCORES]
+    out = reg[cols].copy()
+    for c in INDICATORS:
+        out[c] = out[c].astype(int)
+    out["harmful_count"] = out["harmful_count"].astype(int)
+    out.attrs = {"provenance": reg.attrs.get("provenance", ""), "paper": reg.attrs.get("paper", "")}
+    return out
+
+
+def registry_name(model: str, registry: pd.DataFrame | None = None) -> str | None:
+    """The OlmPool short name of a store's model name (short name, Hub id, or a local folder named
+    after the model), or None for models outside OlmPool. Exact matches only (case-insensitive):
+    a prefix never matches, so a test model is never mistaken for an OlmPool model."""
+    reg = registry_table() if registry is None else registry
+    text = str(model).strip().rstrip("/")
+    candidates = {text.lower(), text.rsplit("/", 1)[-1].lower()}
+    for name, hf in zip(reg["name"], reg["hf_name"]):
+        if name.lower() in candidates or hf.lower() == text.lower():
+            return name
+    return None
+
+
+def revision_order(revision: str) -> tuple[int, int, str]:
+    """Sort key along training: pretraining steps, then extension steps, then main, then others."""
+    from attnscope.models.revisions import parse_revision
+
+    if not revision:
+        return (STAGE_ORDER["main"], 0, "")
+    r = parse_revision(revision)
+    return (STAGE_ORDER[r.stage], r.step if r.step is not None else 0, r.name)
+
+
+def choose_revision(revisions: Iterable[str], prefer: str = "final") -> str:
+    """The revision to correlate with a model's scores (which are measured after extension).
+
+    `prefer="final"`: `longcontext-step2385` if present, else the latest revision along training
+    (extension after pretraining; no revision counts as `main`). Any other value names a revision;
+    models without it are left out by the caller."""
+    from attnscope.models.revisions import parse_revision
+
+    revs = list(dict.fromkeys(revisions))
+    if prefer != "final":
+        return prefer
+    for r in revs:
+        if r and parse_revision(r).is_final:
+            return r
+    return max(revs, key=revision_order)
+
+
+def model_table(source=None, *, revision: str = "final", probe: str | None = None,
+                keep_unscored: bool = True) -> pd.DataFrame:
+    """One row per model: the chosen revision's metrics (mean over the probes it ran, or only
+    `probe`) joined with the registry's scores and features.
+
+    Store models are mapped to OlmPool short names (`registry_name`); models outside OlmPool keep
+    NaN scores and features (`in_registry` False). With `source=None` the result is the registry
+    alone (26 rows). Columns: model, registry_name, in_registry, revision, probes, the metrics
+    (sink_mass, token0_mass, entropy, mean_distance, needle_share, ...), the features and scores."""
+    reg = registry_table()
+    if source is None:
+        out = reg.rename(columns={"name": "registry_name"})
+        out.insert(0, "model", out["registry_name"])
+        out.insert(2, "in_registry", True)
+        out.insert(3, "revision", "")
+        out.attrs = dict(reg.attrs, store=store_label(None))
+        return out
+    metrics = metrics_table(source)
+    if probe is not None:
+        metrics = metrics[metrics["probe"] == probe]
+        if metrics.empty:
+            raise StoreError(f"no finished task of probe {probe!r} in {store_label(source)}")
+    rows = []
+    mcols = [c for c in metrics.columns if c not in (*KEYS, "n_tasks", "n_layers")]
+    for model, g in metrics.groupby("model", sort=True):
+        rev = choose_revision(g["revision"], revision)
+        sel = g[g["revision"] == rev]
+        if sel.empty:
+            continue
+        row = {"model": model, "revision": rev, "probes": ",".join(sorted(sel["probe"].unique()))}
+        row.update(sel[mcols].mean(skipna=True).to_dict())
+        rows.append(row)
+    if not rows:
+        raise StoreError(f"no model in {store_label(source)} has revision {revision!r}")
+    df = pd.DataFrame(rows)
+    df.insert(1, "registry_name", [registry_name(m, reg) for m in df["model"]])
+    df.insert(2, "in_registry", df["registry_name"].notna())
+    joined = df.merge(reg.drop(columns=["hf_name"]).rename(columns={"name": "registry_name"}),
+                      on="registry_name", how="left")
+    if not keep_unscored:
+        joined = joined[joined["in_registry"]].reset_index(drop=True)
+    joined.attrs = dict(reg.attrs, store=metrics.attrs.get("store", store_label(source)))
+    return joined
+
+
+def checkpoint_table(source, metric: str = "sink_mass") -> pd.DataFrame:
+    """`metric` per model x revision (mean over probes), ordered along training, with the
+    revision's stage and step and the model's QK-norm kind (NaN outside OlmPool)."""
+    from attnscope.models.revisions import parse_revision
+
+    metrics = metrics_table(source)
+    if metric not in metrics.columns:
+        raise StoreError(f"no task in {store_label(source)} has the metric {metric!r}; "
+                         f"available: {_metric_columns(metrics) + (['needle_share'] if 'needle_share' in metrics else [])}")
+    df = metrics.groupby(["model", "revision"], sort=False)[metric].mean().reset_index()
+    reg = registry_table()
+    df["registry_name"] = [registry_name(m, reg) for m in df["model"]]
+    df = df.merge(reg[["name", "qk_norm"]].rename(columns={"name": "registry_name"}), on="registry_name",
+                  how="left")
+    parsed = [parse_revision(r) if r else None for r in df["revision"]]
+    df["stage"] = [p.stage if p else "main" for p in parsed]
+    df["step"] = [p.step if p else np.nan for p in parsed]
+    df["order"] = [revision_order(r) for r in df["revision"]]
+    df = df.sort_values(["model", "order"]).drop(columns="order").reset_index(drop=True)
+    df.attrs = dict(metrics.attrs)
+    return df
+
+
+def needle_table(source) -> pd.DataFrame:
+    """Needle share per model x revision x probe x length x depth (mean over layers, heads and
+    the remaining grid), for the tasks that measured a needle span."""
+    df = summary_table(source)
+    col = f"span_mass_{NEEDLE_SPAN}"
+    if col not in df.columns or df[col].isna().all():
+        raise StoreError(f"no task in {store_label(source)} measured a {NEEDLE_SPAN!r} span; "
+                         "run a needle probe (probes/niah_*.toml)")
+    keys = [*KEYS] + [c for c in ("length", "depth") if c in df.columns]
+    out = df.dropna(subset=[col]).groupby(keys, sort=True)[col].mean().rename("needle_share").reset_index()
+    out.attrs = dict(df.attrs)
+    return out
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise AttnscopeError(f"{what} needs columns {missing}, which the table does not have "
+                             f"(columns: {list(df.columns)})")
