@@ -340,14 +340,18 @@ def tokens(
         Console().print(f"  {name}: {p}")
 
 
-def _command_line(name: str) -> str:
-    """The command as typed, for figure metadata and report headers."""
+def _command_line(name: str, **options) -> str:
+    """The command that rebuilds an output, from the options in effect (for figure metadata and
+    report headers); options at None/False are left out, True ones become bare flags."""
     import shlex
 
-    args = sys.argv[1:]
-    if args and args[0] == name:
-        args = args[1:]
-    return "attnscope " + " ".join(shlex.quote(a) for a in [name, *args])
+    parts = ["attnscope", name]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @app.command("report")
@@ -371,9 +375,12 @@ def report_cmd(
     if store is None and not registry_only:
         _fail(AttnscopeError("give --store PATH, or --registry-only for the architecture-only analyses"))
     try:
+        command = _command_line("report", store=None if registry_only else store, out=out, score=score,
+                                registry_only=registry_only, revision=None if revision == "final" else revision,
+                                probe=probe, n_resamples=None if n_resamples == 9999 else n_resamples,
+                                seed=seed or None)
         paths = write_report(None if registry_only else store, out, score=score, revision=revision, probe=probe,
-                             command=_command_line("report"), n_resamples=n_resamples, seed=seed,
-                             html_page=not no_html)
+                             command=command, n_resamples=n_resamples, seed=seed, html_page=not no_html)
     except AttnscopeError as e:
         _fail(e)
     if as_json:
@@ -404,7 +411,9 @@ def figures_cmd(
             if unknown:
                 raise AttnscopeError(f"unknown figure(s) {unknown}; figures: {', '.join(FIGURES)}")
         results = make_all(None if registry_only else store, out, score=score,
-                           command=_command_line("figures"), names=names)
+                           command=_command_line("figures", store=None if registry_only else store, out=out,
+                                                     score=score, registry_only=registry_only, only=only),
+                           names=names)
     except AttnscopeError as e:
         _fail(e)
     for name, r in results.items():

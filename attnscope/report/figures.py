@@ -76,11 +76,20 @@ def style():
     """Matplotlib rc settings of every report figure (fonts, sizes, embedded TrueType in PDFs)."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with matplotlib.rc_context(STYLE):
+        yield _Factory
 
-    with plt.rc_context(STYLE):
-        yield plt
+
+class _Factory:
+    """Figures outside pyplot: no global figure registry, no backend switch, nothing to close,
+    and notebooks still display them (IPython's formatters handle any Figure)."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, squeeze: bool = True, **kw):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kw)
 
 
 def _pdf_png_metadata(title: str, description: str, store: str, command: str) -> tuple[dict, dict]:
@@ -96,8 +105,6 @@ def _pdf_png_metadata(title: str, description: str, store: str, command: str) ->
 def save_figure(fig, out: str | Path, stem: str, *, store: str, command: str,
                 data: Any = None, extra: dict | None = None) -> list[Path]:
     """Write `stem`.pdf, `stem`.png (metadata naming store and command) and the sidecar `stem`.json."""
-    import matplotlib.pyplot as plt
-
     from attnscope import __version__
 
     out = Path(out)
@@ -109,7 +116,6 @@ def save_figure(fig, out: str | Path, stem: str, *, store: str, command: str,
     with style():
         fig.savefig(paths[0], metadata=pdf_meta)
         fig.savefig(paths[1], metadata=png_meta)
-    plt.close(fig)
     side = {"figure": stem, "title": title, "store": store, "command": command,
             "files": [p.name for p in paths], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "attnscope_version": __version__, **(extra or {})}
@@ -163,8 +169,8 @@ def fig_score_vs_count(table: pd.DataFrame, score: str = "helmet_32k", *, store:
     from attnscope.report.stats import ols
 
     fit = ols(data, score, ["harmful_count"], label="model" if "model" in data else "registry_name")
-    with style() as plt:
-        fig, ax = plt.subplots(figsize=(WIDTH, 2.6))
+    with style() as mpl:
+        fig, ax = mpl.subplots(figsize=(WIDTH, 2.6))
         x = data["harmful_count"].to_numpy(float)
         # deterministic jitter so overlapping models at the same count stay visible
         offsets = data.groupby("harmful_count").cumcount().to_numpy() if len(data) else np.array([])
@@ -205,8 +211,8 @@ def fig_score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: 
     if data.empty:
         raise StoreError(f"no model in the store has both {metric} and a {score} score (models outside "
                          "OlmPool have no scores)")
-    with style() as plt:
-        fig, ax = plt.subplots(figsize=(WIDTH, 2.6))
+    with style() as mpl:
+        fig, ax = mpl.subplots(figsize=(WIDTH, 2.6))
         kinds = data["qk_norm"].map(qk_kind) if "qk_norm" in data else pd.Series("n/a", index=data.index)
         for kind in QK_COLORS:
             sel = (kinds == kind).to_numpy()
@@ -226,7 +232,7 @@ def fig_score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: 
         ax.set_xlabel(metric_label(metric))
         ax.set_ylabel(score_label(score))
         ax.set_title(f"{score_label(score)} vs {metric_label(metric).split(' (')[0]}")
-        _qk_legend(ax, kinds, loc="upper left")
+        _qk_legend(ax, kinds, loc="best")
         if store:
             _source_note(fig, store)
         fig.tight_layout()
@@ -255,12 +261,15 @@ def fig_layer_profiles(profiles: pd.DataFrame, metric: str = "sink_mass", *, sto
     kinds = [qk_kind(data.loc[data["model"] == m, "qk_norm"].iloc[0]) if "qk_norm" in data else "n/a"
              for m in models]
     cs = _model_colours(models, kinds)
-    with style() as plt:
-        fig, ax = plt.subplots(figsize=(WIDTH * 1.3, 2.6))
+    with style() as mpl:
+        fig, ax = mpl.subplots(figsize=(WIDTH * 1.3, 2.6))
         for m in models:
             d = data[data["model"] == m].sort_values("layer")
             c, ls = cs[m]
             ax.plot(d["layer"], d[metric], color=c, linestyle=ls, label=_short(m), marker=".", markersize=2)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel(metric_label(metric))
         ax.set_title(f"{metric_label(metric).split(' (')[0]} by layer")
@@ -286,6 +295,7 @@ def fig_head_heatmap(da: xr.DataArray, metric: str = "sink_mass", *, title: str 
         t = title or f"{metric_label(metric).split(' (')[0]}: {_short(da.attrs.get('model', ''))}" + \
             (f" @ {rev}" if rev else "")
         fig = heatmap_figure(da, metric, title=t)
+        fig.axes[0].grid(False)
         if store:
             _source_note(fig, store)
     return fig
@@ -301,8 +311,8 @@ def fig_needle_share(needles: pd.DataFrame, *, store: str = ""):
     axes_spec = [c for c in ("depth", "length") if c in needles.columns and needles[c].notna().any()]
     if not axes_spec:
         raise StoreError("needle tasks carry neither a depth nor a length parameter")
-    with style() as plt:
-        fig, axes = plt.subplots(1, len(axes_spec), figsize=(WIDTH * 1.9 if len(axes_spec) == 2 else WIDTH, 2.4),
+    with style() as mpl:
+        fig, axes = mpl.subplots(1, len(axes_spec), figsize=(WIDTH * 1.9 if len(axes_spec) == 2 else WIDTH, 2.4),
                                  squeeze=False, sharey=True)
         for ax, col in zip(axes[0], axes_spec):
             for m in models:
@@ -312,6 +322,9 @@ def fig_needle_share(needles: pd.DataFrame, *, store: str = ""):
                         label=_short(m))
             if col == "length":
                 ax.set_xscale("log", base=2)
+                ticks = sorted(needles["length"].dropna().unique())
+                ax.set_xticks(ticks, [f"{int(t):,}" for t in ticks])
+                ax.minorticks_off()
                 ax.set_xlabel("context length (tokens)")
             else:
                 ax.set_xlabel("needle depth (fraction of the haystack before it)")
@@ -333,8 +346,8 @@ def fig_checkpoints(ckpts: pd.DataFrame, metric: str = "sink_mass", *, store: st
     kinds = [qk_kind(ckpts.loc[ckpts["model"] == m, "qk_norm"].iloc[0]) if "qk_norm" in ckpts else "n/a"
              for m in models]
     cs = _model_colours(models, kinds)
-    with style() as plt:
-        fig, ax = plt.subplots(figsize=(max(WIDTH, 0.45 * len(revs) + 2.2), 2.6))
+    with style() as mpl:
+        fig, ax = mpl.subplots(figsize=(max(WIDTH, 0.45 * len(revs) + 2.2), 2.6))
         for m, k in zip(models, kinds):
             d = ckpts[ckpts["model"] == m]
             d = d.iloc[np.argsort([pos[r] for r in d["revision"]])]
@@ -344,7 +357,8 @@ def fig_checkpoints(ckpts: pd.DataFrame, metric: str = "sink_mass", *, store: st
         first_ext = next((i for i, r in enumerate(revs) if tables.revision_order(r)[0] >= 1), None)
         if first_ext is not None and first_ext > 0:
             ax.axvspan(first_ext - 0.5, len(revs) - 0.5, color="0.85", alpha=0.5, lw=0, zorder=0)
-            ax.text(first_ext - 0.4, ax.get_ylim()[1], "context extension", fontsize=6, va="top", color="0.3")
+            ax.text(first_ext - 0.4, 0.99, "context extension", fontsize=6, va="top", color="0.3",
+                    transform=ax.get_xaxis_transform())
         ax.set_xticks(range(len(revs)), [r or "(none)" for r in revs], rotation=45, ha="right", fontsize=6)
         ax.set_xlabel("checkpoint (revision)")
         ax.set_ylabel(metric_label(metric))
@@ -514,3 +528,31 @@ def interactive_figures(source=None, score: str = "helmet_32k", names: list[str]
             skipped[name] = str(exc)
     return figs, skipped
 
+
+
+def script_main(name: str, argv: list[str] | None = None) -> int:
+    """Entry point of `figures/fig_<name>.py --store S --out DIR [--score S] [--registry-only]`."""
+    import argparse
+    import shlex
+    import sys
+
+    f = FIGURES[name]
+    p = argparse.ArgumentParser(prog=f"figures/fig_{name}.py", description=f.description)
+    p.add_argument("--store", help="batch store (.h5)" + ("" if f.needs_store else "; optional for this figure"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score", default="helmet_32k", help="score for the score figures (default helmet_32k)")
+    p.add_argument("--registry-only", action="store_true", help="ignore any store (registry-only figures)")
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python " + " ".join(shlex.quote(a) for a in [f"figures/fig_{name}.py", *argv])
+    source = None if args.registry_only else args.store
+    if f.needs_store and source is None:
+        p.error(f"figure {name!r} needs --store PATH")
+    try:
+        paths = make_figure(name, source, args.out, score=args.score, command=command)
+    except AttnscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

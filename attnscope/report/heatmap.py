@@ -10,14 +10,12 @@ import xarray as xr
 def heatmap_figure(da: xr.DataArray, metric: str | None = None, *, title: str | None = None,
                    source: str = ""):
     """A matplotlib Figure: layer (rows) x query head (columns) of a 2-D DataArray."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     metric = metric or str(da.name or "value")
     values = da.transpose("layer", "head").values
-    fig, ax = plt.subplots(figsize=(1.6 + 0.3 * max(values.shape[1], 4), 1.2 + 0.16 * max(values.shape[0], 6)))
+    fig = Figure(figsize=(1.6 + 0.3 * max(values.shape[1], 4), 1.2 + 0.16 * max(values.shape[0], 6)))
+    ax = fig.subplots()
     im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0,
                    vmax=1 if metric.endswith("_mass") or metric == "needle_share" else None,
                    interpolation="nearest")
@@ -38,13 +36,10 @@ def heatmap_figure(da: xr.DataArray, metric: str | None = None, *, title: str | 
 def metric_heatmap(ds: xr.Dataset, metric: str, path: str | Path, *, title: str | None = None,
                    source: str = "") -> Path:
     """Write a layer x head heatmap of `ds[metric]` to `path` (PNG or PDF by suffix)."""
-    import matplotlib.pyplot as plt
-
     da = ds[metric].assign_attrs(model=ds.attrs.get("model", ""))
     fig = heatmap_figure(da, metric, title=title, source=source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"Description": source} if path.suffix == ".png" else {"Subject": source}
     fig.savefig(path, dpi=150, metadata=meta)
-    plt.close(fig)
     return path

@@ -50,8 +50,11 @@ def render_html(report: StatsReport, figures: list, *, command: str = "", skippe
              f"<br>attnscope {__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}<br>"
              "scores and features: " + html.escape(report.provenance) + "</p>"]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in report.notes]
+    cors = report.correlations_frame()
+    cshow = ["x", "y", "n", "pearson_r", "pearson_ci_low", "pearson_ci_high", "pearson_p", "spearman_rho",
+             "spearman_ci_low", "spearman_ci_high", "spearman_p", "method", "n_resamples", "seed", "note"]
     parts += ["<h2>Fits (OLS with intercept, 95% CIs; LOO R² from refits)</h2>", _frame_html(fits[show]),
-              "<h2>Correlations (bootstrap CIs)</h2>", _frame_html(report.correlations_frame())]
+              "<h2>Correlations (95% bootstrap CIs)</h2>", _frame_html(cors[[c for c in cshow if c in cors]])]
     parts.append("<h2>Figures</h2>")
     for i, (name, stem, fig) in enumerate(figures):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"fig-{i}",
@@ -59,7 +62,10 @@ def render_html(report: StatsReport, figures: list, *, command: str = "", skippe
         parts.append(f"<div class='figure' id='{html.escape(stem)}'>{div}</div>")
     for name, why in (skipped or {}).items():
         parts.append(f"<p class='note'>figure {html.escape(name)} not drawn: {html.escape(why)}</p>")
-    parts += ["<h2>Models</h2>", _frame_html(report.table)]
+    models = report.table
+    if "revision" in models and not models["revision"].astype(bool).any():
+        models = models.drop(columns="revision")
+    parts += ["<h2>Models</h2>", _frame_html(models)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>attnscope report: {html.escape(report.score)}</title><style>{_CSS}</style>"
             f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"

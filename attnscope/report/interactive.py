@@ -43,17 +43,21 @@ def score_vs_count(table: pd.DataFrame, score: str = "helmet_32k"):
     """Score vs harmful-choice count; hover: model, QK norm, the four indicators, score."""
     go = _go()
     data = table.dropna(subset=[score, "harmful_count"])
+    # the same deterministic jitter as the static figure, so models at one count stay apart
+    offsets = data.groupby("harmful_count").cumcount()
+    sizes = data.groupby("harmful_count")["harmful_count"].transform("size")
+    data = data.assign(_x=data["harmful_count"] + (offsets - (sizes - 1) / 2) * 0.045)
     fig = go.Figure()
     for kind in QK_COLORS:
         d = data[data["qk_norm"].map(qk_kind) == kind]
         if d.empty:
             continue
         fig.add_trace(go.Scatter(
-            x=d["harmful_count"], y=d[score], mode="markers", name=QK_LABELS[kind],
+            x=d["_x"], y=d[score], mode="markers", name=QK_LABELS[kind],
             marker=dict(color=QK_COLORS[kind], size=9, line=dict(color="white", width=0.5)),
-            customdata=_text_cols(d, ["model", "qk_norm", "has_gqa", "has_swa", "has_short_ctx"]),
+            customdata=_text_cols(d, ["model", "qk_norm", "has_gqa", "has_swa", "has_short_ctx", "harmful_count"]),
             hovertemplate="model %{customdata[0]}<br>QK norm %{customdata[1]}<br>GQA %{customdata[2]}, "
-                          "SWA %{customdata[3]}, 4K ctx %{customdata[4]}<br>harmful choices %{x}<br>"
+                          "SWA %{customdata[3]}, 4K ctx %{customdata[4]}<br>harmful choices %{customdata[5]}<br>"
                           f"{score} %{{y:.2f}}<extra></extra>"))
     if len(data) >= 3:
         from attnscope.report.stats import ols
@@ -63,8 +67,10 @@ def score_vs_count(table: pd.DataFrame, score: str = "helmet_32k"):
         xs = np.array([data["harmful_count"].min(), data["harmful_count"].max()], float)
         fig.add_trace(go.Scatter(x=xs, y=b0 + b1 * xs, mode="lines", name=f"OLS (R² {fit.r2:.2f}, n {fit.n})",
                                  line=dict(color="#333333"), hoverinfo="skip"))
-    return _layout(fig, f"{score_label(score)} vs harmful-choice count", "harmful architectural choices (count)",
-                   score_label(score))
+    fig = _layout(fig, f"{score_label(score)} vs harmful-choice count", "harmful architectural choices (count)",
+                  score_label(score))
+    fig.update_xaxes(dtick=1)
+    return fig
 
 
 def score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: str = "sink_mass"):

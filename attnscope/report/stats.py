@@ -261,7 +261,10 @@ class StatsReport:
                          f"[{_fmt(c.pearson_ci[0])}, {_fmt(c.pearson_ci[1])}] | {_fmt(c.spearman_rho)} | "
                          f"[{_fmt(c.spearman_ci[0])}, {_fmt(c.spearman_ci[1])}] | "
                          f"{c.method}, {c.n_resamples} resamples, seed {c.seed}{'; ' + c.note if c.note else ''} |")
-        lines += ["", "## Models", "", markdown_table(self.table), ""]
+        models = self.table
+        if "revision" in models and not models["revision"].astype(bool).any():
+            models = models.drop(columns="revision")  # registry only
+        lines += ["", "## Models", "", markdown_table(models), ""]
         return "\n".join(lines)
 
 

@@ -138,7 +138,7 @@ def head_maps(source, metric: str = "sink_mass", *, revision: str | None = None,
     for key, group in tasks.groupby(list(KEYS), sort=True):
         maps = []
         for _, row in group.iterrows():
-            params = {c: row[c] for c in param_cols if not _isnan(row[c])}
+            params = {c: row[c] for c in param_cols if not _missing(row[c])}
             ds = store.get(row["model"], row["revision"] or None, row["probe_hash"], **params)
             if metric not in ds:
                 continue
@@ -154,8 +154,8 @@ def head_maps(source, metric: str = "sink_mass", *, revision: str | None = None,
     return out
 
 
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and np.isnan(v)
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
 
 
 # ------------------------------------------------------------------------------------ registry
