@@ -105,6 +105,13 @@ def test_correlations_match_numpy_and_bootstrap_is_seeded(fixed):
     ref = sps.bootstrap((d["x1"].to_numpy(), d["y"].to_numpy()), lambda a, b: sps.pearsonr(a, b).statistic,
                         paired=True, vectorized=False, n_resamples=999, rng=np.random.default_rng(3))
     assert c.pearson_ci == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    ref = sps.bootstrap((d["x1"].to_numpy(), d["y"].to_numpy()), lambda a, b: sps.spearmanr(a, b).statistic,
+                        paired=True, vectorized=False, n_resamples=999, rng=np.random.default_rng(3))
+    assert c.spearman_ci == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    # ties (a discrete predictor such as the harmful-choice count) use average ranks, as spearmanr does
+    t = S.correlation(fixed, "x2", "y", n_resamples=199, seed=1)
+    dd = fixed.dropna(subset=["x2"])
+    assert t.spearman_rho == pytest.approx(sps.spearmanr(dd["x2"], dd["y"]).statistic, abs=1e-12)
 
 
 def test_registry_only_analyses_use_all_26_models():

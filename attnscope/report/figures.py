@@ -49,7 +49,7 @@ METRIC_LABELS = {"sink_mass": "sink mass (attention on the first tokens)",
 
 __all__ = ["QK_COLORS", "STYLE", "FIGURES", "style", "save_figure", "score_label", "metric_label",
            "fig_score_vs_count", "fig_score_vs_metric", "fig_layer_profiles", "fig_head_heatmap",
-           "fig_needle_share", "fig_checkpoints", "figure_data", "make_figure", "make_all"]
+           "fig_needle_share", "fig_checkpoints", "fig_indicator_effects", "figure_data", "make_figure", "make_all"]
 
 
 def score_label(score: str) -> str:
@@ -196,7 +196,7 @@ def fig_score_vs_count(table: pd.DataFrame, score: str = "helmet_32k", *, store:
         ax.set_xlabel("harmful architectural choices (count)")
         ax.set_ylabel(score_label(score))
         ax.set_title(f"{score_label(score)} vs harmful-choice count")
-        _qk_legend(ax, data["qk_norm"].map(qk_kind), loc="lower left")
+        _qk_legend(ax, data["qk_norm"].map(qk_kind), loc="best")
         if store:
             _source_note(fig, store)
         fig.tight_layout()
@@ -370,6 +370,34 @@ def fig_checkpoints(ckpts: pd.DataFrame, metric: str = "sink_mass", *, store: st
     return fig
 
 
+def fig_indicator_effects(table: pd.DataFrame, score: str = "helmet_32k", *, store: str = ""):
+    """Coefficients of `score ~ has_qk_norm + has_gqa + has_swa + has_short_ctx` with 95% CIs."""
+    from attnscope.report.stats import ols
+
+    fit = ols(table, score, list(tables.INDICATORS), label="model")
+    if not np.isfinite(fit.r2):
+        raise StoreError(f"cannot fit {score} on the four indicators: {fit.note}")
+    terms = list(tables.INDICATORS)
+    labels = {"has_qk_norm": "QK norm", "has_gqa": "GQA", "has_swa": "sliding window", "has_short_ctx": "4K pretraining"}
+    with style() as mpl:
+        fig, ax = mpl.subplots(figsize=(WIDTH, 2.0))
+        for i, t in enumerate(terms):
+            c = fit.coefficient(t)
+            ax.errorbar(c["estimate"], i, xerr=[[c["estimate"] - c["ci_low"]], [c["ci_high"] - c["estimate"]]],
+                        fmt="o", color="0.2", capsize=2)
+        ax.axvline(0, color="0.5", lw=0.8, ls="--")
+        ax.set_yticks(range(len(terms)), [labels[t] for t in terms])
+        ax.set_ylim(len(terms) - 0.5 + 0.6, -0.5)  # top to bottom, room for the fit line below
+        ax.set_xlabel(f"effect on {score_label(score)} (points, 95% CI)")
+        ax.set_title(f"{score_label(score)}: effect of each harmful choice")
+        ax.text(0.98, 0.03, f"R² {fit.r2:.2f}, adj. R² {fit.adj_r2:.2f}, LOO R² {fit.loo_r2:.2f}, n = {fit.n}",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=6)
+        if store:
+            _source_note(fig, store)
+        fig.tight_layout()
+    return fig
+
+
 # ------------------------------------------------------------------------------ figure registry
 @dataclass
 class FigureDef:
@@ -398,6 +426,11 @@ def _data_score_vs_count(source, score):
     table = tables.model_table(None)  # architecture only: always every OlmPool model
     cols = ["model", "qk_norm", "harmful_count", *tables.INDICATORS, score]
     return [(f"score_vs_count_{score}", table[cols])]
+
+
+def _data_indicator_effects(source, score):
+    [(_, table)] = _data_score_vs_count(source, score)
+    return [(f"indicator_effects_{score}", table)]
 
 
 def _data_score_vs_metric(metric):
@@ -453,6 +486,9 @@ FIGURES: dict[str, FigureDef] = {f.name: f for f in [
     FigureDef("score_vs_count", "long-context score vs harmful-choice count, with the OLS fit (registry only)",
               False, _data_score_vs_count,
               lambda d, score, store: fig_score_vs_count(d, score, store=store), _interactive("score_vs_count")),
+    FigureDef("indicator_effects", "effect of each harmful choice on the score (OLS on the four indicators)",
+              False, _data_indicator_effects,
+              lambda d, score, store: fig_indicator_effects(d, score, store=store), _interactive("indicator_effects")),
     FigureDef("score_vs_sink", "long-context score vs mean sink mass, coloured by QK-norm kind", True,
               _data_score_vs_metric("sink_mass"),
               lambda d, score, store: fig_score_vs_metric(d, score, "sink_mass", store=store),

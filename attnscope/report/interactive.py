@@ -15,7 +15,7 @@ from attnscope.report.figures import (QK_COLORS, QK_LABELS, _short, metric_label
 FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
 PATTERN_LIMIT = 400_000  # values embedded in one pattern viewer (a few MB of HTML)
 
-__all__ = ["score_vs_count", "score_vs_metric", "score_vs_sink", "score_vs_needle", "layer_profiles",
+__all__ = ["score_vs_count", "indicator_effects", "score_vs_metric", "score_vs_sink", "score_vs_needle", "layer_profiles",
            "head_heatmap", "needle_share", "checkpoints", "pattern_viewer"]
 
 
@@ -70,6 +70,28 @@ def score_vs_count(table: pd.DataFrame, score: str = "helmet_32k"):
     fig = _layout(fig, f"{score_label(score)} vs harmful-choice count", "harmful architectural choices (count)",
                   score_label(score))
     fig.update_xaxes(dtick=1)
+    return fig
+
+
+def indicator_effects(table: pd.DataFrame, score: str = "helmet_32k"):
+    """Coefficients of the four-indicator OLS with 95% CIs; hover: estimate, CI, p."""
+    go = _go()
+    from attnscope.report.stats import ols
+    from attnscope.report.tables import INDICATORS
+
+    fit = ols(table, score, list(INDICATORS))
+    cs = [fit.coefficient(t) for t in INDICATORS]
+    fig = go.Figure(go.Scatter(
+        x=[c["estimate"] for c in cs], y=list(INDICATORS), mode="markers", marker=dict(color="#333333", size=9),
+        error_x=dict(type="data", symmetric=False, array=[c["ci_high"] - c["estimate"] for c in cs],
+                     arrayminus=[c["estimate"] - c["ci_low"] for c in cs]),
+        customdata=[[c["ci_low"], c["ci_high"], c["p_value"]] for c in cs], name="",
+        hovertemplate="%{y}<br>estimate %{x:.2f}<br>95% CI [%{customdata[0]:.2f}, %{customdata[1]:.2f}]"
+                      "<br>p %{customdata[2]:.2g}<extra></extra>"))
+    fig.add_vline(x=0, line_dash="dash", line_color="#888888")
+    fig = _layout(fig, f"{score_label(score)}: effect of each harmful choice (R² {fit.r2:.2f}, n {fit.n})",
+                  f"effect on {score_label(score)} (points, 95% CI)", "")
+    fig.update_yaxes(autorange="reversed")
     return fig
 
 

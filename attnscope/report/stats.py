@@ -158,15 +158,28 @@ def _bootstrap_ci(x: np.ndarray, y: np.ndarray, stat, *, n_resamples: int, confi
     with warnings.catch_warnings():
         # resamples with a constant column give undefined correlations (NaN); BCa then warns
         warnings.simplefilter("ignore")
-        res = stats.bootstrap((x, y), stat, paired=True, vectorized=False, n_resamples=n_resamples,
+        res = stats.bootstrap((x, y), stat, paired=True, vectorized=True, n_resamples=n_resamples,
                               confidence_level=confidence, method="BCa", rng=np.random.default_rng(seed))
         ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
         if not all(map(math.isfinite, ci)):
-            res = stats.bootstrap((x, y), stat, paired=True, vectorized=False, n_resamples=n_resamples,
+            res = stats.bootstrap((x, y), stat, paired=True, vectorized=True, n_resamples=n_resamples,
                                   confidence_level=confidence, method="percentile",
                                   rng=np.random.default_rng(seed))
             return (float(res.confidence_interval.low), float(res.confidence_interval.high)), "percentile"
     return ci, "BCa"
+
+
+def _pearson(a, b, axis=-1):
+    from scipy import stats
+
+    return stats.pearsonr(a, b, axis=axis).statistic
+
+
+def _spearman(a, b, axis=-1):
+    """Spearman's rho = Pearson's r of the (average-tie) ranks; vectorised over resamples."""
+    from scipy import stats
+
+    return stats.pearsonr(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis).statistic
 
 
 def correlation(df: pd.DataFrame, x: str, y: str, *, confidence: float = 0.95, n_resamples: int = 9999,
@@ -184,10 +197,8 @@ def correlation(df: pd.DataFrame, x: str, y: str, *, confidence: float = 0.95, n
                            seed, note="fewer than 4 pairs or a constant variable")
     pr = stats.pearsonr(xv, yv)
     sr = stats.spearmanr(xv, yv)
-    p_ci, m1 = _bootstrap_ci(xv, yv, lambda a, b: stats.pearsonr(a, b).statistic, n_resamples=n_resamples,
-                             confidence=confidence, seed=seed)
-    s_ci, m2 = _bootstrap_ci(xv, yv, lambda a, b: stats.spearmanr(a, b).statistic, n_resamples=n_resamples,
-                             confidence=confidence, seed=seed)
+    p_ci, m1 = _bootstrap_ci(xv, yv, _pearson, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    s_ci, m2 = _bootstrap_ci(xv, yv, _spearman, n_resamples=n_resamples, confidence=confidence, seed=seed)
     method = m1 if m1 == m2 else f"pearson {m1}, spearman {m2}"
     return Correlation(x, y, n, float(pr.statistic), float(pr.pvalue), p_ci, float(sr.statistic),
                        float(sr.pvalue), s_ci, confidence, n_resamples, seed, method)
