@@ -248,7 +248,7 @@ def test_every_figure_from_the_store(store_path, tmp_path):
     results = F.make_all(store_path, out, command="attnscope figures --store S --out D")
     assert all(not isinstance(r, str) for r in results.values()), results
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 6 + len(LABELS)  # one head heatmap per model
+    assert len(pngs) == len(F.FIGURES) - 1 + len(LABELS)  # head heatmaps: one per model
     from PIL import Image
 
     for png in pngs:
