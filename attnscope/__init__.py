@@ -4,6 +4,10 @@ The public API is small:
     load(model, revision=None, ...)       -> LoadedModel
     analyze(model, text, metrics=..., ...) -> xarray.Dataset (dims layer, head, ...)
     save_result(ds, path) / read_result(path)
+    doctor(model, revision=None, ...)     -> DoctorReport (does the checkpoint run what it declares?)
+    extract(models=..., revisions=..., probes=[...], out=store) -> ExtractReport   (batch)
+    open_store(path)                       -> Store (.tasks(), .get(), .select(), .summary())
+    run_probe(lm, "probes/niah_single.toml", lengths=[...]) -> xarray.Dataset (needle share, retrieval heads)
 """
 
 __version__ = "0.1.0"
@@ -11,8 +15,14 @@ __version__ = "0.1.0"
 from attnscope.capture.interface import AttentionEdit, capture, set_edit  # noqa: E402
 from attnscope.capture.queries import QuerySelection  # noqa: E402
 from attnscope.metrics.analyze import analyze  # noqa: E402
+from attnscope.models.doctor import DoctorReport, doctor  # noqa: E402
 from attnscope.models.loading import LoadedModel, load  # noqa: E402
+from attnscope.store.store import open_store  # noqa: E402
+from attnscope.batch.extract import extract  # noqa: E402
+from attnscope.probing.needle import run_probe  # noqa: E402
+from attnscope.store.hdf5 import read_result, save_result  # noqa: E402
 from attnscope.report import accessor as _accessor  # noqa: E402,F401  (registers ds.attnscope)
 
 __all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
-           "capture", "__version__"]
+           "capture", "doctor", "DoctorReport", "extract", "open_store", "run_probe",
+           "save_result", "read_result", "__version__"]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -149,7 +150,7 @@ def demo(
         result = save_result(ds, out / "smollm2_prose.h5")
         command = f"attnscope demo --out {out} --tokens {tokens}"
         png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
-                             title=f"SmolLM2-135M-Instruct: attention on the first 4 tokens "
+                             title=f"SmolLM2-135M-Instruct\nattention on the first 4 tokens "
                                    f"({len(ids)} tokens of prose)",
                              source=f"store: {result}; made by: {command}")
     except AttnscopeError as exc:
@@ -237,12 +238,137 @@ def revisions_cmd(
     _out.print(table)
 
 
+_STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _short(value) -> str:
+    """A measured/expected value in one table cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file or 'smollm2'"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the model's own code to run"),
+    as_name: Optional[str] = typer.Option(None, "--as",
+                                          help="compare with this OlmPool registry row (for local copies)"),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", "-f",
+                                             help="UTF-8 text for the loss check (default: shipped prose)"),
+    max_loss: float = typer.Option(8.0, help="loss (nats/token) above which the load counts as broken"),
+    reference_loss: Optional[float] = typer.Option(
+        None, help="a working model's loss on the same text; then the limit is it + --loss-margin"),
+    loss_margin: float = typer.Option(1.0, help="allowed excess over --reference-loss, in nats"),
+    loss_tokens: int = typer.Option(512, help="tokens of text to score"),
+    fix_rope: bool = typer.Option(True, "--fix-rope/--no-fix-rope",
+                                  help="repair a flat rope_theta lost on some layer types at load"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+) -> None:
+    """Check that MODEL runs the architecture its checkpoint declares (exit 1 if a check fails)."""
+    import logging
+
+    from attnscope.models.doctor import doctor
+
+    _quiet_transformers()
+    logging.getLogger("attnscope").setLevel(logging.ERROR)  # load fixes are in the report itself
+    try:
+        text = None
+        if text_file is not None:
+            if not text_file.is_file():
+                raise AttnscopeError(f"no such text file: {text_file}")
+            text = text_file.read_text(encoding="utf-8")
+        report = doctor(model, revision, trust_remote_code=trust_remote_code, text=text,
+                        as_name=as_name, fix_rope=fix_rope, max_loss=max_loss,
+                        reference_loss=reference_loss, loss_margin=loss_margin,
+                        loss_tokens=loss_tokens, dtype=dtype, device=device)
+    except AttnscopeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        rev = f"@{report.revision}" if report.revision else ""
+        reg = f", registry row {report.registry_name}" if report.registry_name else ""
+        table = Table(title=f"attnscope doctor: {report.model}{rev} ({report.model_class}{reg})")
+        for col in ("check", "scope", "status", "measured", "expected", "explanation"):
+            table.add_column(col, overflow="fold")
+        for c in report.checks:
+            style = _STATUS_STYLE[c.status]
+            table.add_row(c.name, c.scope, f"[{style}]{c.status}[/]", _short(c.measured),
+                          _short(c.expected), c.explanation)
+        _out.print(table)
+        n = report.counts()
+        _out.print(f"{n['pass']} passed, {n['warn']} warnings, {n['fail']} failed, {n['skip']} skipped")
+        for fix in report.info.get("fixes", []):
+            _out.print(f"[yellow]load fix:[/] {fix}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _floats(s: Optional[str]) -> Optional[list[float]]:
     return None if s is None else [float(x) for x in s.split(",") if x.strip()]
 
 
 def _ints(s: Optional[str]) -> Optional[list[int]]:
     return None if s is None else [int(x) for x in s.split(",") if x.strip()]
+
+
+@app.command("probe")
+def probe_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
+    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file for the result"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision"),
+    lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
+    depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
+    no_decode: bool = typer.Option(False, "--no-decode", help="skip greedy decoding (no retrieval scores, no correctness)"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Run a probe's length x depth grid: needle share per layer and head, retrieval heads, answers."""
+    import attnscope
+    from attnscope.probing.needle import run_probe
+    from attnscope.store.hdf5 import save_result
+
+    _quiet_transformers()
+    try:
+        lm = attnscope.load(model, revision, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+        ds = run_probe(lm, str(spec), lengths=_ints(lengths), depths=_floats(depths),
+                       seeds=_ints(seeds), decode=not no_decode)
+        save_result(ds, out)
+    except AttnscopeError as exc:
+        _fail(exc)
+    table = Table(title=f"{ds.attrs['probe']} on {ds.attrs['model']}")
+    for col in ("length", "depth", "seed", "answer ok", "top needle head (final query)", "share / uniform"):
+        table.add_column(col)
+    if "needle_share" in ds:
+        share = ds.needle_share.sel(query_set="final", span="needle_value")
+        uniform = ds.uniform_share.sel(query_set="final", span="needle_value")
+        for L in ds.length.values:
+            for d in ds.depth.values:
+                for s in ds.seed.values:
+                    cell = share.sel(length=L, depth=d, seed=s)
+                    flat = int(np.nanargmax(cell.values))
+                    li, hi = np.unravel_index(flat, cell.shape)
+                    ok = bool(ds.correct.sel(length=L, depth=d, seed=s)) if "correct" in ds else None
+                    table.add_row(str(L), f"{d:g}", str(s), "-" if ok is None else ("yes" if ok else "no"),
+                                  f"L{int(cell.layer[li])}.H{hi} {float(cell.values[li, hi]):.3f}",
+                                  f"{float(cell.values[li, hi]) / float(uniform.sel(length=L, depth=d, seed=s)):.1f}x")
+    Console().print(table)
+    Console().print(f"wrote {out}")
 
 
 @app.command("probe-build")
@@ -421,6 +547,54 @@ def figures_cmd(
             console.print(f"  [yellow]{name}[/]: {r}")
         else:
             console.print(f"  [green]{name}[/]: " + ", ".join(p.name for p in r if p.suffix == ".png"))
+
+
+@app.command("extract")
+def extract_cmd(
+    models: list[str] = typer.Option(..., "--models", "-m",
+                                     help="OlmPool names, a filter like 'qk_norm=none,swa=1', 'all', Hub ids, "
+                                          "local folders, .gguf files or 'smollm2' (repeatable, comma-separated)"),
+    revisions: list[str] = typer.Option(["final"], "--revisions", "-r",
+                                        help="final | pre | post | all | names (comma-separated); "
+                                             "'pre,post' = step34000,longcontext-step2385"),
+    probes: list[Path] = typer.Option(..., "--probes", "-p", help="probe spec files (repeatable)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the HDF5 store (created, or resumed)"),
+    executor: str = typer.Option("local", help="local | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local Ray)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    retries: int = typer.Option(1, help="retries of a failing task (and of a failing load)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, what is done, a cost estimate"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the models' own code to run"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
+
+    Exit code 0: every task has a result; 1: some tasks failed (listed); 2: bad input."""
+    from attnscope.batch.extract import describe_plan, extract
+
+    _quiet_transformers()
+    try:
+        report = extract(models, revisions, [str(p) for p in probes], out, executor=executor,
+                         ray_address=ray_address, dtype=dtype, device=device, retries=retries,
+                         dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress)
+    except AttnscopeError as exc:
+        _fail(exc)
+    if dry_run:
+        for line in describe_plan(report):
+            _out.print(line, highlight=False)
+        return
+    _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
+               f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
+    if report.failures:
+        table = Table(title=f"{len(report.failures)} failed task(s) (tracebacks: attnscope.open_store(...).failure(key))")
+        for col in ("task", "key", "attempts", "error"):
+            table.add_column(col)
+        for f in report.failures:
+            table.add_row(f.label, f.key, str(f.attempts), f.error[:300])
+        _out.print(table)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -536,7 +536,7 @@ def test_cli_end_to_end(tmp_path, llama_word, tok_word, corpus):
 
     bad = CliRunner().invoke(app, ["tokens", "--model-a", str(tmp_path / "a"), "--corpus", str(src), "--out",
                                    str(out), "--ablate-b", "window:oops"])
-    assert bad.exit_code == 1 and "window:oops" in bad.output
+    assert bad.exit_code == 2 and "window:oops" in bad.output
 
 
 # ------------------------------------------------------------------ the real model

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "attnscope"
 # Elements of one block's [B, c, K] mask; bounds the extra memory of the blockwise path.
 _BLOCK_ELEMENTS = 1 << 24
+# At most this many queries (decoding steps) take the grouped path without KV expansion.
+_SMALL_T = 8
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,10 @@ def _row_starts(mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     return torch.where(seen.any(dim=-1), starts, torch.zeros_like(starts)).expand(batch)
 
 
-def _layer_window(module, kwargs) -> int | None:
+def layer_window(module, kwargs) -> int | None:
+    """The window a layer applies: its kernel kwarg, a declared override, or config.layer_types."""
+    if getattr(module, "_attnscope_windows_off", False):
+        return None  # inside windows_disabled(): only the model's own mask limits attention
     window = kwargs.get("sliding_window")
     if window is None:
         window = getattr(module, "_attnscope_window", None)
@@ -176,6 +180,24 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     b, h, s, d = x.shape
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _few_queries(query, key, value, scale, q_offset, mask, window, edit, softcap, row_starts):
+    """Decoding steps (a few queries against a long cache): grouped matmuls, no per-head copy
+    of the cache, exact softmax in float32."""
+    B, H, T, d = query.shape
+    kvh = key.shape[1]
+    q = query.float().reshape(B, kvh, (H // kvh) * T, d)
+    s = torch.matmul(q, key.float().transpose(-1, -2)).view(B, H, T, -1) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    rows = torch.arange(T, device=query.device)
+    vis = _visibility(mask, rows, 0, key.shape[2], q_offset, window, edit, row_starts)[:, None]
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.matmul(p.view(B, kvh, (H // kvh) * T, -1), value.float()).view(B, H, T, d)
+    return out.to(query.dtype), lse
 
 
 def _blockwise(query, key, value, scale, q_offset, mask, window, edit, softcap, row_starts,
@@ -223,7 +245,7 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     """The registered attention function (signature fixed by transformers' AttentionInterface)."""
     layer = _layer_index(module)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    window = _layer_window(module, kwargs)
+    window = layer_window(module, kwargs)
     edit = getattr(module, "_attnscope_edit", None)
     if edit is not None and not edit.applies(layer):
         edit = None
@@ -250,6 +272,9 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, _repeat_kv(key, q_rep), _repeat_kv(value, q_rep), 0.0, True, scale=scale)
         lse = lse.float() if need_lse else None
+    elif query.shape[2] <= _SMALL_T:
+        out, lse = _few_queries(query, key, value, scale, q_offset, mask, window, edit, softcap,
+                                row_starts)
     else:
         out, lse = _blockwise(query, key, value, scale, q_offset, mask, window, edit, softcap,
                               row_starts, need_lse)
@@ -298,10 +323,6 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") or hasattr(m, "_attnscope_layer")]
-
-
 def set_edit(model, edit: AttentionEdit | None) -> None:
     """Apply (or, with None, remove) an attention edit on every attention layer of `model`."""
     for m in model.modules():
@@ -314,6 +335,23 @@ def set_windows(model, windows: dict[int, int | None]) -> None:
     for m in model.modules():
         if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) in windows:
             m._attnscope_window = windows[m.layer_idx]
+
+
+@contextlib.contextmanager
+def windows_disabled(model) -> Iterator[None]:
+    """Inside, attnscope applies no sliding window of its own (neither the kernel's
+    `sliding_window=` argument nor windows declared with `set_windows`): only the model's mask
+    limits attention, which is what transformers' sdpa and eager kernels compute for it."""
+    mods = [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") or hasattr(m, "layer_idx")]
+    previous = [getattr(m, "_attnscope_windows_off", False) for m in mods]
+    for m in mods:
+        m._attnscope_windows_off = True
+    try:
+        yield
+    finally:
+        for m, p in zip(mods, previous):
+            m._attnscope_windows_off = p
 
 
 @contextlib.contextmanager

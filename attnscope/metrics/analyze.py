@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from attnscope.capture.interface import capture
+from attnscope.capture.interface import capture, layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
 from attnscope.metrics.reductions import (
@@ -18,7 +18,6 @@ from attnscope.metrics.reductions import (
     DEFAULT_METRICS,
     RowPlan,
     StatsRecorder,
-    distance_bin_edges,
 )
 
 # Full maps beyond this many bytes are refused (override with pattern_limit_bytes=).
@@ -186,9 +185,7 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     for mod in hf_model.modules():
         idx = getattr(mod, "layer_idx", None)
         if idx is not None and idx in recorder.results and type(mod).__name__.endswith("Attention"):
-            from attnscope.capture.interface import _layer_window
-
-            windows[int(idx)] = _layer_window(mod, {"sliding_window": getattr(mod, "sliding_window", None)})
+            windows[int(idx)] = layer_window(mod, {"sliding_window": getattr(mod, "sliding_window", None)})
     import transformers
 
     import attnscope
@@ -210,6 +207,8 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
             {str(i): (types[i] if types and i < len(types) else "no attention call") for i in skipped}),
         "windows": json.dumps({str(k): v for k, v in windows.items()}),
         "windows_assumed": bool(getattr(hf_model, "_attnscope_windows_assumed", False)),
+        # repairs and assumptions attnscope.load() made (flat rope theta, assumed window layout)
+        "load_fixes": json.dumps(list(getattr(hf_model, "_attnscope_load_fixes", []))),
         "attnscope_version": attnscope.__version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,

@@ -39,6 +39,15 @@ def _distance_bins(dist: torch.Tensor) -> torch.Tensor:
     return torch.where(dist <= 0, torch.zeros_like(dist), torch.floor(torch.log2(d)).long() + 1)
 
 
+def keyset_probs(attn: LayerAttention, b: int, q_rows: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
+    """[H, Q, K] exact probabilities of keys k_lo..k_hi-1 for query rows q_rows of batch row b
+    (0 where not visible): exp(score - lse), O(Q * K) per head."""
+    s = attn.scores(b, q_rows, slice(k_lo, k_hi))
+    vis = attn.visible(q_rows, k_lo, k_hi)[b]
+    p = torch.exp(s - attn.lse[b][:, q_rows, None])
+    return torch.where(vis[None], p, torch.zeros_like(p))
+
+
 @dataclass
 class RowPlan:
     """What to compute for one batch row: its real tokens and the chosen queries."""
@@ -85,11 +94,7 @@ class StatsRecorder:
         self.results[attn.layer] = per_row
 
     def _keyset_mass(self, attn, b, q_rows, k_lo, k_hi) -> torch.Tensor:
-        """[H, Q, K] probabilities of keys k_lo..k_hi-1 (0 where not visible)."""
-        s = attn.scores(b, q_rows, slice(k_lo, k_hi))
-        vis = attn.visible(q_rows, k_lo, k_hi)[b]
-        p = torch.exp(s - attn.lse[b][:, q_rows, None])
-        return torch.where(vis[None], p, torch.zeros_like(p))
+        return keyset_probs(attn, b, q_rows, k_lo, k_hi)
 
     def _keyset(self, attn, b, start, q_rows, plan) -> dict[str, np.ndarray]:
         out = {}

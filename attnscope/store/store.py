@@ -1,0 +1,491 @@
+"""The batch store: one HDF5 file of many task results, written so that no result is ever lost.
+
+Layout (store schema 1, documented in docs/batch.md):
+
+    /                     attrs attnscope_kind = "store", attnscope_store_schema = 1, created,
+                          attnscope_version
+    /tasks/<key>          one finished task: a result group (attnscope.store.hdf5.write_dataset)
+                          whose attrs also carry the task identity (task_model, task_revision,
+                          task_probe, task_probe_hash, task_params, task_dtype) and provenance
+                          (device, versions, timings, doctor findings, attempts, finished)
+    /failures/<key>       the last failure of a task that has no result: attrs task_* as above,
+                          error, traceback, attempts, finished
+
+Durability protocol (the proof is in docs/batch.md):
+  1. A finished task is written to its own file `<store>.d/<key>.h5` under a temporary name,
+     fsynced, renamed into place (atomic) and the directory fsynced. From then on it is complete.
+  2. Consolidation copies the store to `<store>.tmp-*`, adds the pending task files, fsyncs it and
+     renames it over the store (atomic); only then are the task files deleted. A task already in
+     the store is never added twice, so a crash between rename and deletion only leaves a
+     redundant file that the next consolidation drops.
+  3. A crash leaves only temporary files (ignored, cleaned up) and complete task files.
+Only one process writes (a lock file next to the store); readers see the store plus the pending
+task files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from attnscope.errors import StoreError
+from attnscope.store.hdf5 import read_dataset, write_dataset
+
+STORE_KIND = "store"
+STORE_SCHEMA = 1
+TASKS = "tasks"
+FAILURES = "failures"
+TASK_ATTRS = ("task_model", "task_revision", "task_probe", "task_probe_hash", "task_params", "task_dtype",
+              "task_method")
+_SUMMARY_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance")
+
+__all__ = ["Store", "StoreWriter", "open_store", "sidecar_dir", "STORE_SCHEMA"]
+
+
+def sidecar_dir(path: str | os.PathLike) -> Path:
+    """The folder `<store>.d/` holding finished tasks not yet consolidated into the store."""
+    path = Path(path)
+    return path.with_name(path.name + ".d")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _check_store_file(f: h5py.File, path: Path) -> None:
+    kind = f.attrs.get("attnscope_kind")
+    if kind != STORE_KIND:
+        what = f"an attnscope {kind!r} file" if kind else "an HDF5 file that attnscope did not write"
+        raise StoreError(f"{path} is {what}, not an attnscope batch store; refusing to use or overwrite "
+                         "it: pass another --out path")
+    schema = int(f.attrs.get("attnscope_store_schema", -1))
+    if schema > STORE_SCHEMA:
+        raise StoreError(f"{path} uses store schema {schema}; this attnscope handles up to "
+                         f"{STORE_SCHEMA}: upgrade attnscope")
+    if schema < 1:
+        raise StoreError(f"{path} has no valid store schema attribute; it is not a batch store")
+
+
+def _open_store_file(path: Path) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path} exists but is not a readable HDF5 file ({exc}); it is corrupt or "
+                         "of another format. attnscope never overwrites it: move it away or pass "
+                         "another --out path") from exc
+    try:
+        _check_store_file(f, path)
+    except StoreError:
+        f.close()
+        raise
+    return f
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _identity(attrs) -> dict[str, Any]:
+    out = {k.removeprefix("task_"): _attr(attrs.get(k)) for k in TASK_ATTRS}
+    out["revision"] = out["revision"] or None
+    out["params"] = json.loads(out["params"]) if out["params"] else {}
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class _Pending:
+    key: str
+    path: Path
+    failed: bool
+
+
+def _pending_files(side: Path) -> list[_Pending]:
+    if not side.is_dir():
+        return []
+    out = []
+    for p in sorted(side.iterdir()):
+        if p.name.endswith(".tmp"):
+            continue
+        if p.name.endswith(".failed.json"):
+            out.append(_Pending(p.name.removesuffix(".failed.json"), p, True))
+        elif p.suffix == ".h5":
+            out.append(_Pending(p.stem, p, False))
+    return out
+
+
+def _new_store(path: Path) -> None:
+    from attnscope import __version__
+
+    with h5py.File(path, "w") as f:
+        f.attrs["attnscope_kind"] = STORE_KIND
+        f.attrs["attnscope_store_schema"] = STORE_SCHEMA
+        f.attrs["attnscope_version"] = __version__
+        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        f.create_group(TASKS)
+        f.create_group(FAILURES)
+
+
+class StoreWriter:
+    """The single writer of a store: durable per-task commits plus journalled consolidation.
+
+    `consolidate_ratio`: pending task files are folded into the store when their size reaches
+    this fraction of the store's size (at least `min_consolidate_bytes`), which keeps the total
+    copying linear in the store's size; 0 consolidates after every commit. `close()` always
+    consolidates.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, consolidate_ratio: float = 0.25,
+                 min_consolidate_bytes: int = 64 << 20):
+        from filelock import FileLock, Timeout
+
+        self.path = Path(path).expanduser().absolute()
+        self.side = sidecar_dir(self.path)
+        self.consolidate_ratio = consolidate_ratio
+        self.min_consolidate_bytes = min_consolidate_bytes
+        if self.path.is_dir():
+            raise StoreError(f"--out {self.path} is a folder; give a file path such as {self.path / 'store.h5'}")
+        if self.path.exists():
+            _open_store_file(self.path).close()  # corrupt or foreign: a clear error, never overwritten
+        try:
+            self.side.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.side, prefix=".write-test.", suffix=".tmp")
+            probe.close()
+        except OSError as exc:
+            raise StoreError(f"cannot write next to {self.path} ({exc}); choose a writable --out path") from exc
+        self._lock = FileLock(str(self.path) + ".lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise StoreError(f"another attnscope process is writing {self.path} (lock {self._lock.lock_file}); "
+                             "only one writer per store: wait for it or use another --out") from None
+        self._cleanup_temporaries()
+        self._done, self._failed = self._scan()
+        self._pending_bytes = sum(p.path.stat().st_size for p in _pending_files(self.side))
+
+    # -- state ---------------------------------------------------------------------------------
+    def _cleanup_temporaries(self) -> None:
+        """Temporary files are what a crash leaves behind; they never hold a committed result."""
+        for p in self.side.glob("*.tmp"):
+            p.unlink(missing_ok=True)
+        for p in self.path.parent.glob(self.path.name + ".tmp-*"):
+            p.unlink(missing_ok=True)
+
+    def _scan(self) -> tuple[set[str], set[str]]:
+        done: set[str] = set()
+        failed: set[str] = set()
+        if self.path.exists():
+            with _open_store_file(self.path) as f:
+                done.update(f[TASKS].keys())
+                failed.update(f[FAILURES].keys())
+        for p in _pending_files(self.side):
+            (failed if p.failed else done).add(p.key)
+        return done, failed - done
+
+    @property
+    def done(self) -> set[str]:
+        """Keys of the tasks whose result is durably written (store or task file)."""
+        return set(self._done)
+
+    @property
+    def failed(self) -> set[str]:
+        return set(self._failed)
+
+    # -- commits -------------------------------------------------------------------------------
+    def put(self, key: str, ds: xr.Dataset) -> None:
+        """Commit one task result: when this returns, the result survives any crash."""
+        if key in self._done:
+            return
+        target = self.side / f"{key}.h5"
+        fd, tmp = tempfile.mkstemp(dir=self.side, prefix=f"{key}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with h5py.File(tmp, "w") as f:
+                write_dataset(f, ds)
+            _fsync_file(Path(tmp))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _fsync_dir(self.side)
+        self._done.add(key)
+        self._failed.discard(key)
+        self._pending_bytes += target.stat().st_size
+        self._maybe_consolidate()
+
+    def put_failure(self, key: str, record: dict) -> None:
+        """Record a task's final failure (error, traceback, attempts); a later success replaces it."""
+        if key in self._done:
+            return
+        _write_json_atomic(self.side / f"{key}.failed.json", record)
+        self._failed.add(key)
+        self._maybe_consolidate()
+
+    def _maybe_consolidate(self) -> None:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if self._pending_bytes >= max(self.consolidate_ratio * size,
+                                      self.min_consolidate_bytes if self.consolidate_ratio > 0 else 0):
+            self.consolidate()
+
+    def consolidate(self) -> int:
+        """Fold the pending task files into the store by a journalled copy; returns how many."""
+        pending = _pending_files(self.side)
+        if not pending:
+            return 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".tmp-")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            if self.path.exists():
+                shutil.copyfile(self.path, tmp)
+            else:
+                _new_store(tmp)
+            with h5py.File(tmp, "a") as dst:
+                tasks, failures = dst[TASKS], dst[FAILURES]
+                for p in pending:
+                    if p.failed or p.key in tasks:
+                        continue
+                    with h5py.File(p.path, "r") as src:
+                        src.copy(src["/"], tasks, name=p.key)
+                    if p.key in failures:
+                        del failures[p.key]
+                for p in pending:
+                    if not p.failed or p.key in tasks:
+                        continue
+                    record = json.loads(p.path.read_text(encoding="utf-8"))
+                    if p.key in failures:
+                        del failures[p.key]
+                    g = failures.create_group(p.key)
+                    for k, v in record.items():
+                        g.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+            _fsync_file(tmp)
+            os.replace(tmp, self.path)  # the commit point: the old store or the new one, never half
+            _fsync_dir(self.path.parent)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        for p in pending:  # now redundant; a crash here leaves files the next pass skips
+            p.path.unlink(missing_ok=True)
+        self._pending_bytes = 0
+        return len(pending)
+
+    def close(self) -> None:
+        try:
+            self.consolidate()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # keep the committed task files; the next run consolidates them
+            self._lock.release()
+
+
+class Store:
+    """Read access to a batch store (plus its pending, not yet consolidated task files)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        self.side = sidecar_dir(self.path)
+        if not self.path.exists() and not _pending_files(self.side):
+            raise StoreError(f"no batch store at {self.path} (and no pending results in {self.side})")
+        if self.path.exists():
+            _open_store_file(self.path).close()
+        self._table: pd.DataFrame | None = None
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, {len(self.tasks())} tasks)"
+
+    # -- index ---------------------------------------------------------------------------------
+    def _sources(self) -> Iterable[tuple[str, str, Any, bool, Path]]:
+        """(key, status, attrs, pending, file) for every task: a result anywhere beats a failure,
+        a pending failure beats an older consolidated one, and a consolidated result beats its
+        not yet deleted task file."""
+        pending = _pending_files(self.side)
+        pending_done = {p.key for p in pending if not p.failed}
+        pending_failed = {p.key for p in pending if p.failed}
+        store_done: set[str] = set()
+        if self.path.exists():
+            with _open_store_file(self.path) as f:
+                for key, g in f[TASKS].items():
+                    store_done.add(key)
+                    yield key, "done", dict(g.attrs), False, self.path
+                for key, g in f[FAILURES].items():
+                    if key not in store_done and key not in pending_done and key not in pending_failed:
+                        yield key, "failed", dict(g.attrs), False, self.path
+        for p in pending:
+            if p.key in store_done or (p.failed and p.key in pending_done):
+                continue
+            if p.failed:
+                yield p.key, "failed", json.loads(p.path.read_text(encoding="utf-8")), True, p.path
+            else:
+                with h5py.File(p.path, "r") as f:
+                    yield p.key, "done", dict(f.attrs), True, p.path
+
+    def tasks(self) -> pd.DataFrame:
+        """One row per task: key, status (done|failed), model, revision, probe, probe_hash, dtype,
+        one column per probe parameter, pending (not yet consolidated), error, attempts."""
+        if self._table is None:
+            rows = []
+            for key, status, attrs, pending, file in self._sources():
+                ident = _identity(attrs)
+                row = {"key": key, "status": status, "model": ident["model"], "revision": ident["revision"],
+                       "probe": ident["probe"], "probe_hash": ident["probe_hash"], "dtype": ident["dtype"],
+                       "method": ident["method"]}
+                row.update(ident["params"])
+                row.update({"pending": pending, "error": _attr(attrs.get("error")) if status == "failed" else None,
+                            "attempts": _attr(attrs.get("attempts")), "_file": str(file)})
+                rows.append(row)
+            cols = ["key", "status", "model", "revision", "probe", "probe_hash", "dtype"]
+            df = pd.DataFrame(rows, columns=None if rows else cols)
+            self._table = df.sort_values(["model", "revision", "probe", "key"], na_position="first",
+                                         ignore_index=True) if rows else df
+        return self._table.drop(columns=["_file"], errors="ignore").copy()
+
+    def _match(self, model=None, revision=None, probe=None, status="done", **params) -> pd.DataFrame:
+        self.tasks()
+        df = self._table
+        if df.empty:
+            return df
+        mask = df["status"] == status
+        if model is not None:
+            mask &= df["model"] == model
+        if revision is not None:
+            mask &= df["revision"] == revision
+        if probe is not None:
+            mask &= (df["probe"] == probe) | (df["probe_hash"] == probe)
+        for k, v in params.items():
+            if k not in df.columns:
+                raise StoreError(f"no task in {self.path} has a parameter {k!r}; parameters: "
+                                 f"{[c for c in df.columns if c not in _FIXED_COLUMNS]}")
+            mask &= df[k] == v
+        return df[mask]
+
+    def _read(self, row) -> xr.Dataset:
+        with h5py.File(row["_file"], "r") as f:
+            g = f[f"{TASKS}/{row['key']}"] if row["_file"] == str(self.path) else f["/"]
+            return read_dataset(g)
+
+    # -- data ----------------------------------------------------------------------------------
+    def get(self, model: str, revision: str | None = None, probe: str | None = None, **params) -> xr.Dataset:
+        """The result of exactly one task (model, revision, probe name or hash, params)."""
+        hits = self._match(model, revision, probe, **params)
+        if revision is None and not hits.empty:
+            hits = hits[hits["revision"].isna()] if hits["revision"].isna().any() else hits
+        if len(hits) != 1:
+            what = f"model={model!r} revision={revision!r} probe={probe!r} {params}"
+            if hits.empty:
+                raise StoreError(f"no finished task in {self.path} matches {what}; see Store.tasks()")
+            raise StoreError(f"{len(hits)} tasks in {self.path} match {what}; add parameters "
+                             f"({[c for c in hits.columns if c not in _FIXED_COLUMNS]}) to pick one")
+        return self._read(hits.iloc[0])
+
+    def select(self, model=None, revision=None, probe=None, variables=None, **params) -> xr.Dataset:
+        """Every matching finished task, stacked along a `task` dim with coords key, model, revision,
+        probe and each parameter (outer join: coords that differ between tasks give NaN)."""
+        hits = self._match(model, revision, probe, **params)
+        if hits.empty:
+            raise StoreError(f"no finished task in {self.path} matches model={model!r} "
+                             f"revision={revision!r} probe={probe!r} {params}")
+        param_cols = [c for c in hits.columns if c not in _FIXED_COLUMNS]
+        parts = []
+        for _, row in hits.iterrows():
+            ds = self._read(row)
+            if variables is not None:
+                ds = ds[list(variables)]
+            # a task's own parameters (length, depth) become coords along `task`
+            ds = ds.squeeze([d for d in param_cols if d in ds.dims and ds.sizes[d] == 1], drop=True)
+            parts.append(ds.assign_attrs({}) if not hasattr(ds, "drop_attrs") else ds.drop_attrs())
+        out = xr.concat(parts, dim="task", join="outer", combine_attrs="drop", coords="different",
+                        compat="equals")
+        task_coords = {"key": list(hits["key"]), "model": list(hits["model"]),
+                       "revision": [r if isinstance(r, str) else "" for r in hits["revision"]],
+                       "probe": list(hits["probe"])}
+        for c in param_cols:
+            task_coords[c] = list(hits[c])
+        return out.assign_coords({k: ("task", v) for k, v in task_coords.items()})
+
+    def summary(self) -> pd.DataFrame:
+        """A tidy table: one row per (finished task, layer) with the head-mean of each scalar
+        metric (sink_mass, token0_mass, entropy, mean_distance) and `span_mass_<span>` for each
+        span (e.g. the needle share of attention) when the task has spans."""
+        rows = []
+        df = self._match()
+        param_cols = [c for c in df.columns if c not in _FIXED_COLUMNS]
+        for _, row in df.iterrows():
+            ds = self._read(row)
+            base = {"key": row["key"], "model": row["model"], "revision": row["revision"],
+                    "probe": row["probe"], **{c: row[c] for c in param_cols}}
+            for layer in ds["layer"].values:
+                rec = dict(base, layer=int(layer))
+                sel = ds.sel(layer=layer)
+                for m in _SUMMARY_METRICS:
+                    if m in ds:
+                        rec[m] = float(sel[m].mean())
+                if "span_mass" in ds and "span" in ds["span_mass"].dims:
+                    for span in ds["span"].values:
+                        rec[f"span_mass_{span}"] = float(sel["span_mass"].sel(span=span).mean())
+                rows.append(rec)
+        return pd.DataFrame(rows)
+
+    def failures(self) -> pd.DataFrame:
+        """The failed tasks with their error; tracebacks via `failure(key)`."""
+        df = self.tasks()
+        return df[df["status"] == "failed"].reset_index(drop=True) if not df.empty else df
+
+    def failure(self, key: str) -> dict:
+        """The full failure record (error, traceback, attempts) of one task."""
+        for k, status, attrs, _, _ in self._sources():
+            if k == key and status == "failed":
+                return {a: _attr(v) for a, v in attrs.items()}
+        raise StoreError(f"no failed task {key!r} in {self.path}")
+
+
+_FIXED_COLUMNS = {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "method", "pending", "error",
+                  "attempts", "_file"}
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a batch store for reading: `.tasks()`, `.get(...)`, `.select(...)`, `.summary()`."""
+    return Store(path)
