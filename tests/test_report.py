@@ -381,3 +381,66 @@ def test_example_notebook_runs(tmp_path, monkeypatch):
     # the plot cells produced plotly figures, the static cell a PNG
     assert sum("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs) >= 5
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+# ------------------------------------------------------------------- the real pipeline's tasks
+@pytest.fixture(scope="module")
+def pipeline_store(tmp_path_factory):
+    """A store written by attnscope.extract (natural-text probe) from tiny models in folders named
+    after OlmPool models, plus run_probe needle tasks (decode off) committed with StoreWriter."""
+    store_mod = pytest.importorskip("attnscope.store.store", reason="the batch store is not in this attnscope")
+    from attnscope.probing import load_spec
+    from attnscope.testing import make_tiny_model
+
+    base = tmp_path_factory.mktemp("pipeline")
+    folders = {}
+    for kind, name in (("llama", "I_pre_32kv_8k_12k"), ("qwen3", "K_post_HQK_8kv_12k"),
+                       ("olmo2", "H_post_LQK_32kv_8k_11k")):
+        folders[name] = make_tiny_model(kind, base / name, max_position_embeddings=1024) or base / name
+    text = (ROOT / "probes" / "natural_text.toml").read_text()
+    (base / "prose.toml").write_text(text.replace('name = "natural_text"', 'name = "prose_tiny"')
+                                     .replace("lengths = [512, 1024, 2048, 4096, 8192]", "lengths = [64, 128]"))
+    niah = (ROOT / "probes" / "niah_single.toml").read_text()
+    (base / "niah.toml").write_text(niah.replace('name = "niah_single"', 'name = "niah_tiny"')
+                                    .replace("depth_tolerance = 0.05", "depth_tolerance = 0.2"))
+    store = base / "pipeline.h5"
+    rep = attnscope.extract([str(base / n) for n in folders], None, [str(base / "prose.toml")], store,
+                            progress=False)
+    assert rep.succeeded == 3 * 2 * 2 and not rep.failures
+    spec = load_spec(base / "niah.toml")
+    needles = {}
+    with store_mod.StoreWriter(store, consolidate_ratio=0) as w:
+        for i, name in enumerate(folders):
+            lm = attnscope.load(str(base / name))
+            for L in (320, 448):
+                ds = attnscope.run_probe(lm, spec, lengths=[L], depths=[0.25, 0.75], seeds=[0], decode=False)
+                for d in (0.25, 0.75):
+                    one = ds.sel(length=[L], depth=[d])
+                    needles[(name, L, d)] = one
+                    w.put(f"niah{i}{L}{int(d * 100)}", one.assign_attrs(
+                        task_model=str(base / name), task_revision="", task_probe="niah_tiny",
+                        task_probe_hash=spec.content_hash, task_params=json.dumps({"length": L, "depth": d}),
+                        task_dtype="float32"))
+    return store, base, needles
+
+
+def test_pipeline_store_natural_text_and_needle_tasks(pipeline_store, tmp_path):
+    store, base, needles = pipeline_store
+    table = T.model_table(store)
+    assert set(table["registry_name"]) == {"I_pre_32kv_8k_12k", "K_post_HQK_8kv_12k", "H_post_LQK_32kv_8k_11k"}
+    row = table.set_index("registry_name").loc["K_post_HQK_8kv_12k"]
+    assert row["model"] == str(base / "K_post_HQK_8kv_12k") and row["qk_norm"] == "headwise"
+    assert row["probes"] == "niah_tiny,prose_tiny"
+    # needle share: run_probe's share of the value span from the final position, mean over grid
+    expect = np.mean([needles[("K_post_HQK_8kv_12k", L, d)]["needle_share"]
+                      .sel(query_set="final", span="needle_value").values for L in (320, 448) for d in (0.25, 0.75)])
+    assert row["needle_share"] == pytest.approx(expect, rel=1e-6)
+    nt = T.needle_table(store)
+    assert set(nt["length"]) == {320, 448} and set(nt["depth"]) == {0.25, 0.75}
+    maps = T.head_maps(store, "needle_share")
+    assert set(k[2] for k in maps) == {"niah_tiny"} and maps[next(iter(maps))].shape == (4, 4)
+    results = F.make_all(store, tmp_path / "figs", command="attnscope figures")
+    assert not isinstance(results["needle_share"], str) and not isinstance(results["score_vs_needle"], str)
+    assert isinstance(results["checkpoints"], list)  # one revision per model: still drawn
+    [(stem, data)] = F.figure_data("score_vs_needle", store)
+    assert data["needle_share"].notna().sum() == 3

@@ -32,13 +32,19 @@ INDICATORS = ("has_qk_norm", "has_gqa", "has_swa", "has_short_ctx")
 FEATURES = ("qk_norm", "norm", "kv_heads", "pretrain_ctx", "swa", "fp8", *INDICATORS, "harmful_count")
 # head-mean metrics that Store.summary() gives per layer; span masses come as span_mass_<span>
 LAYER_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance")
-NEEDLE_SPAN = "needle"
+NEEDLE_SPAN = "needle"  # span name of analyze(..., spans={"needle": ...}) results (span_mass_needle)
+# run_probe's needle tasks store `needle_share` (query_set, span, layer, head, ...); the report's
+# needle share is the target value's share of attention from the last prompt position
+NEEDLE_QUERY_SET = "final"
+NEEDLE_VALUE_SPAN = "needle_value"
+_TASK_COLUMNS = {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "method", "pending",
+                 "error", "attempts", "_file"}
 KEYS = ("model", "revision", "probe")
 STAGE_ORDER = {"pretrain": 0, "longcontext": 1, "main": 2, "other": 3}
 
 __all__ = ["SCORES", "INDICATORS", "open_store", "summary_table", "metrics_table", "layer_profiles",
            "head_maps", "registry_table", "registry_name", "model_table", "revision_order",
-           "choose_revision", "store_label", "checkpoint_table", "needle_table"]
+           "choose_revision", "store_label", "checkpoint_table", "needle_table", "needle_rows"]
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -59,6 +65,25 @@ def _store(source):
     return source
 
 
+_CACHE: dict[tuple, pd.DataFrame] = {}
+
+
+def _cached(store, what: str, build) -> pd.DataFrame:
+    """A store-wide table, rebuilt only when the store (or its pending results) changed: figures
+    and the report read the same tables many times."""
+    path = Path(getattr(store, "path", ""))
+    side = path.with_name(path.name + ".d")
+    stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (path, side))
+    key = (str(path.absolute()), what, stamp)
+    if not path.name or key not in _CACHE:
+        table = build()
+        if not path.name:
+            return table
+        _CACHE.clear() if len(_CACHE) > 16 else None
+        _CACHE[key] = table
+    return _CACHE[key].copy()
+
+
 def store_label(source) -> str:
     """How a figure or report names its data: the store's path, or 'registry only'."""
     if source is None:
@@ -77,7 +102,7 @@ def summary_table(source) -> pd.DataFrame:
         df = source.copy()
     else:
         store = _store(source)
-        df = store.summary()
+        df = _cached(store, "summary", store.summary)
         df.attrs["store"] = store_label(getattr(store, "path", source))
     if df.empty:
         raise StoreError(f"{store_label(source)} has no finished task to report on; run `attnscope batch` first")
@@ -113,45 +138,88 @@ def metrics_table(source) -> pd.DataFrame:
     out = out.reset_index()
     if f"span_mass_{NEEDLE_SPAN}" in out.columns:
         out["needle_share"] = out[f"span_mass_{NEEDLE_SPAN}"]
+    needles = needle_rows(source)
+    if not needles.empty:
+        share = needles.groupby(list(KEYS))["needle_share"].mean().rename("_needle").reset_index()
+        out = out.merge(share, on=list(KEYS), how="left")
+        out["needle_share"] = out["_needle"].combine_first(out["needle_share"]) if "needle_share" in out \
+            else out["_needle"]
+        out = out.drop(columns="_needle")
     out.attrs = dict(df.attrs)
     return out
 
 
-def head_maps(source, metric: str = "sink_mass", *, revision: str | None = None,
-              probe: str | None = None) -> dict[tuple[str, str, str], xr.DataArray]:
-    """Layer x head maps of `metric` per model x revision x probe, averaged over the probe's grid
-    points (and any dim other than layer and head)."""
-    store = _store(source)
+def _task_datasets(store, *, revision: str | None = None, probe: str | None = None):
+    """(task row, Dataset) for every finished task, revision '' for none."""
     tasks = store.tasks()
     if tasks.empty:
-        raise StoreError(f"{store_label(source)} has no tasks")
+        return
     tasks = tasks[tasks["status"] == "done"].copy()
     tasks["revision"] = tasks["revision"].map(lambda r: r if isinstance(r, str) else "")
     if revision is not None:
         tasks = tasks[tasks["revision"] == revision]
     if probe is not None:
         tasks = tasks[tasks["probe"] == probe]
-    param_cols = [c for c in tasks.columns if c not in
-                  {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "pending", "error",
-                   "attempts"}]
-    out: dict[tuple[str, str, str], xr.DataArray] = {}
-    for key, group in tasks.groupby(list(KEYS), sort=True):
-        maps = []
-        for _, row in group.iterrows():
-            params = {c: row[c] for c in param_cols if not _missing(row[c])}
-            ds = store.get(row["model"], row["revision"] or None, row["probe_hash"], **params)
-            if metric not in ds:
-                continue
-            da = ds[metric]
-            extra = [d for d in da.dims if d not in ("layer", "head")]
-            maps.append(da.mean(extra) if extra else da)
-        if maps:
-            da = xr.concat(maps, dim="grid").mean("grid") if len(maps) > 1 else maps[0]
-            out[key] = da.transpose("layer", "head").assign_attrs(
-                model=key[0], revision=key[1], probe=key[2], metric=metric, n_tasks=len(maps))
+    param_cols = [c for c in tasks.columns if c not in _TASK_COLUMNS]
+    for _, row in tasks.iterrows():
+        params = {c: row[c] for c in param_cols if not _missing(row[c])}
+        yield row, params, store.get(row["model"], row["revision"] or None, row["probe_hash"], **params)
+
+
+def head_maps(source, metric: str = "sink_mass", *, revision: str | None = None,
+              probe: str | None = None) -> dict[tuple[str, str, str], xr.DataArray]:
+    """Layer x head maps of `metric` per model x revision x probe, averaged over the probe's grid
+    points (and any dim other than layer and head; for `needle_share`, the report's query set and
+    span are selected first)."""
+    store = _store(source)
+    maps: dict[tuple[str, str, str], list[xr.DataArray]] = {}
+    for row, _, ds in _task_datasets(store, revision=revision, probe=probe):
+        if metric not in ds:
+            continue
+        da = _select_needle(ds[metric]) if metric == "needle_share" else ds[metric]
+        extra = [d for d in da.dims if d not in ("layer", "head")]
+        maps.setdefault((row["model"], row["revision"], row["probe"]), []).append(da.mean(extra) if extra else da)
+    out = {}
+    for key, parts in sorted(maps.items()):
+        da = xr.concat(parts, dim="grid").mean("grid") if len(parts) > 1 else parts[0]
+        out[key] = da.transpose("layer", "head").assign_attrs(
+            model=key[0], revision=key[1], probe=key[2], metric=metric, n_tasks=len(parts))
     if not out:
         raise StoreError(f"no finished task in {store_label(source)} has the metric {metric!r}")
     return out
+
+
+def _select_needle(da: xr.DataArray) -> xr.DataArray:
+    if "query_set" in da.dims:
+        da = da.sel(query_set=NEEDLE_QUERY_SET)
+    if "span" in da.dims:
+        da = da.sel(span=NEEDLE_VALUE_SPAN)
+    return da
+
+
+def needle_rows(source) -> pd.DataFrame:
+    """Needle share per needle task x layer (head mean; mean over seeds), from run_probe's
+    `needle_share` (query set `final`, span `needle_value`); empty when no task has it.
+    Columns: key, model, revision, probe, the task's parameters, layer, needle_share."""
+    if isinstance(source, pd.DataFrame):
+        return pd.DataFrame()
+    store = _store(source)
+    return _cached(store, "needles", lambda: _needle_rows(store))
+
+
+def _needle_rows(store) -> pd.DataFrame:
+    rows = []
+    for row, params, ds in _task_datasets(store):
+        if "needle_share" not in ds:
+            continue
+        da = _select_needle(ds["needle_share"])
+        extra = [d for d in da.dims if d != "layer"]
+        per_layer = da.mean(extra) if extra else da
+        base = {"key": row["key"], "model": row["model"], "revision": row["revision"], "probe": row["probe"],
+                **params}
+        rows += [dict(base, layer=int(layer), needle_share=float(v))
+                 for layer, v in zip(per_layer["layer"].values, per_layer.values)]
+    return pd.DataFrame(rows)
 
 
 def _missing(v: Any) -> bool:
@@ -283,14 +351,24 @@ def checkpoint_table(source, metric: str = "sink_mass") -> pd.DataFrame:
 
 def needle_table(source) -> pd.DataFrame:
     """Needle share per model x revision x probe x length x depth (mean over layers, heads and
-    the remaining grid), for the tasks that measured a needle span."""
+    the remaining grid): run_probe's `needle_share` (query set `final`, span `needle_value`), or
+    `span_mass_needle` of analyze results measured with a `needle` span."""
     df = summary_table(source)
-    col = f"span_mass_{NEEDLE_SPAN}"
-    if col not in df.columns or df[col].isna().all():
-        raise StoreError(f"no task in {store_label(source)} measured a {NEEDLE_SPAN!r} span; "
-                         "run a needle probe (probes/niah_*.toml)")
     keys = [*KEYS] + [c for c in ("length", "depth") if c in df.columns]
-    out = df.dropna(subset=[col]).groupby(keys, sort=True)[col].mean().rename("needle_share").reset_index()
+    needles = needle_rows(source)
+    col = f"span_mass_{NEEDLE_SPAN}"
+    parts = []
+    if not needles.empty:
+        parts.append(needles.groupby([k for k in keys if k in needles.columns], sort=True)["needle_share"]
+                     .mean().reset_index())
+    if col in df.columns and df[col].notna().any():
+        parts.append(df.dropna(subset=[col]).groupby(keys, sort=True)[col].mean().rename("needle_share")
+                     .reset_index())
+    if not parts:
+        raise StoreError(f"no task in {store_label(source)} measured a needle share; run a needle probe "
+                         "(probes/niah_*.toml)")
+    out = pd.concat(parts, ignore_index=True)
+    out["revision"] = out["revision"].map(lambda r: r if isinstance(r, str) else "")
     out.attrs = dict(df.attrs)
     return out
 
