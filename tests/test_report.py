@@ -289,7 +289,13 @@ def test_figure_script_and_cli(store_path, tmp_path):
                                    "--n-resamples", "99"])
     assert res.exit_code == 0, res.output
     d = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert d["command"].startswith("attnscope report --store") and d["fits"][2]["predictors"] == ["sink_mass"]
+    assert d["command"].startswith("attnscope report --store")
+    fits = {f["name"]: f for f in d["fits"]}
+    # architecture fits cover every OlmPool model; metric fits the store's 3 scored models, with the
+    # count refitted on those same 3 for comparison
+    assert fits["helmet_32k ~ harmful_count (all OlmPool models)"]["n"] == 26
+    assert fits["helmet_32k ~ sink_mass"]["n"] == 3 and fits["helmet_32k ~ sink_mass"]["predictors"] == ["sink_mass"]
+    assert fits["helmet_32k ~ harmful_count (the 3 models with sink_mass)"]["n"] == 3
     for name in ("report.md", "fits.csv", "correlations.csv", "models.csv", "report.html"):
         assert (tmp_path / "r" / name).stat().st_size > 100
     fits = pd.read_csv(tmp_path / "r" / "fits.csv")

@@ -14,7 +14,7 @@ def heatmap_figure(da: xr.DataArray, metric: str | None = None, *, title: str | 
 
     metric = metric or str(da.name or "value")
     values = da.transpose("layer", "head").values
-    fig = Figure(figsize=(1.6 + 0.3 * max(values.shape[1], 4), 1.2 + 0.16 * max(values.shape[0], 6)))
+    fig = Figure(figsize=(1.6 + 0.3 * max(values.shape[1], 4), 1.2 + 0.11 * max(values.shape[0], 8)))
     ax = fig.subplots()
     im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0,
                    vmax=1 if metric.endswith("_mass") or metric == "needle_share" else None,

@@ -29,7 +29,8 @@ def build_report(source=None, *, score: str = "helmet_32k", revision: str = "fin
                  n_resamples: int = 9999, seed: int = 0) -> StatsReport:
     """The statistics for `score` from a store (or the registry alone when `source` is None)."""
     table = tables.model_table(source, revision=revision, probe=probe)
-    return run_analyses(table, score, n_resamples=n_resamples, seed=seed)
+    architecture = tables.model_table(None) if source is not None else None
+    return run_analyses(table, score, architecture=architecture, n_resamples=n_resamples, seed=seed)
 
 
 def _frame_html(df: pd.DataFrame) -> str:

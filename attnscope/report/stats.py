@@ -319,28 +319,43 @@ TABLE_COLUMNS = ("model", "revision", "qk_norm", "harmful_count", "sink_mass", "
 
 
 def run_analyses(table: pd.DataFrame, score: str = DEFAULT_SCORE, *, metrics: Sequence[str] = DEFAULT_METRICS,
-                 alpha: float = 0.05, n_resamples: int = 9999, seed: int = 0) -> StatsReport:
-    """Every fit and correlation of the report for one score, from `model_table(...)`.
+                 architecture: pd.DataFrame | None = None, alpha: float = 0.05, n_resamples: int = 9999,
+                 seed: int = 0) -> StatsReport:
+    """Every fit and correlation of the report for one score.
 
-    Metric analyses run for the metrics the table has (a registry-only table has none)."""
+    `table` is `model_table(store)` (or `model_table(None)`, the registry alone). The
+    architecture-only fits (count, four indicators) use `architecture` when given (the report
+    passes the whole registry, so they always cover every OlmPool model), else `table`. Metric
+    fits run for the metrics the table has, on the store's scored models; when those are not the
+    same models as the architecture fits, the count is also fitted on them, like for like."""
     if score not in SCORES:
         raise AttnscopeError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    scored = table[table[score].notna()] if score in table.columns else table.iloc[:0]
+
+    def scored_rows(df):
+        return df[df[score].notna()] if score in df.columns else df.iloc[:0]
+
+    scored = scored_rows(table)
+    arch = scored_rows(architecture) if architecture is not None else scored
+    label = " (all OlmPool models)" if architecture is not None else ""
     notes = []
     if "in_registry" in table.columns and (~table["in_registry"]).any():
         notes.append("models outside OlmPool (no scores) are listed but not fitted: "
                      + ", ".join(map(str, table.loc[~table["in_registry"], "model"])))
-    fits = [ols(scored, score, ["harmful_count"], alpha=alpha, name=f"{score} ~ harmful_count"),
-            ols(scored, score, list(INDICATORS), alpha=alpha, name=f"{score} ~ four indicators")]
-    cors = [correlation(scored, "harmful_count", score, n_resamples=n_resamples, seed=seed)]
+    fits = [ols(arch, score, ["harmful_count"], alpha=alpha, name=f"{score} ~ harmful_count{label}"),
+            ols(arch, score, list(INDICATORS), alpha=alpha, name=f"{score} ~ four indicators{label}")]
+    cors = [correlation(arch, "harmful_count", score, n_resamples=n_resamples, seed=seed)]
     for m in metrics:
         if m not in scored.columns or scored[m].notna().sum() == 0:
             if m in table.columns:
-                notes.append(f"{m}: no scored model has this metric in the store")
+                notes.append(f"{m}: no model with a {score} score has this metric in the store")
             continue
         fits.append(ols(scored, score, [m], alpha=alpha))
         fits.append(ols(scored, score, [m, "harmful_count"], alpha=alpha))
         cors.append(correlation(scored, m, score, n_resamples=n_resamples, seed=seed))
+        subset = scored.dropna(subset=[m])
+        if architecture is not None and len(subset) != len(arch):
+            fits.append(ols(subset, score, ["harmful_count"], alpha=alpha,
+                            name=f"{score} ~ harmful_count (the {len(subset)} models with {m})"))
     cols = [c for c in (*TABLE_COLUMNS, score) if c in table.columns]
     return StatsReport(score, fits, cors, table[cols].reset_index(drop=True), str(table.attrs.get("store", "")),
                        str(table.attrs.get("provenance", "")), notes)
