@@ -9,7 +9,6 @@ drawing functions return matplotlib Figure objects so tests can inspect axes and
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from contextlib import contextmanager

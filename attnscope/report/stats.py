@@ -344,6 +344,7 @@ def run_analyses(table: pd.DataFrame, score: str = DEFAULT_SCORE, *, metrics: Se
     fits = [ols(arch, score, ["harmful_count"], alpha=alpha, name=f"{score} ~ harmful_count{label}"),
             ols(arch, score, list(INDICATORS), alpha=alpha, name=f"{score} ~ four indicators{label}")]
     cors = [correlation(arch, "harmful_count", score, n_resamples=n_resamples, seed=seed)]
+    compared: set[frozenset] = set()  # model sets the count was already refitted on
     for m in metrics:
         if m not in scored.columns or scored[m].notna().sum() == 0:
             if m in table.columns:
@@ -353,7 +354,9 @@ def run_analyses(table: pd.DataFrame, score: str = DEFAULT_SCORE, *, metrics: Se
         fits.append(ols(scored, score, [m, "harmful_count"], alpha=alpha))
         cors.append(correlation(scored, m, score, n_resamples=n_resamples, seed=seed))
         subset = scored.dropna(subset=[m])
-        if architecture is not None and len(subset) != len(arch):
+        models = frozenset(subset["model"]) if "model" in subset else frozenset(subset.index)
+        if architecture is not None and len(subset) != len(arch) and models not in compared:
+            compared.add(models)
             fits.append(ols(subset, score, ["harmful_count"], alpha=alpha,
                             name=f"{score} ~ harmful_count (the {len(subset)} models with {m})"))
     cols = [c for c in (*TABLE_COLUMNS, score) if c in table.columns]
