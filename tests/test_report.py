@@ -257,7 +257,9 @@ def test_every_figure_from_the_store(store_path, tmp_path):
         assert str(store_path.absolute()) in im.info["Source"] and "attnscope figures" in im.info["Comment"]
         side = json.loads(png.with_suffix(".json").read_text())
         assert side["store"] == str(store_path.absolute()) and side["command"].startswith("attnscope figures")
-        assert png.with_suffix(".pdf").stat().st_size > 1000
+        pdf = png.with_suffix(".pdf").read_bytes()
+        assert f"/Keywords (store: {store_path.absolute()})".encode() in pdf
+        assert b"/Creator (attnscope figures --store S --out D)" in pdf
     needle = json.loads((out / "needle_share.json").read_text())
     assert {r["depth"] for r in needle["data"]} == set(DEPTHS)
     # the drawing functions return figures with the expected axes
