@@ -71,15 +71,19 @@ def analyze(
     device: str = typer.Option("cpu"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the model's own code to run"),
+    ablate: Optional[str] = typer.Option(None, "--ablate",
+                                         help="attention edit: window:W[,sinks:K], nosink:K, [,layers:0-3+9]"),
     out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
     from attnscope.store.hdf5 import save_result
+    from attnscope.tokens.ablate import apply_ablation, parse_ablation
 
     _quiet_transformers()
     try:
+        edit = parse_ablation(ablate) if ablate else None
         if not text_file.is_file():
             raise AttnscopeError(f"no such text file: {text_file}")
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
@@ -90,6 +94,7 @@ def analyze(
         if max_tokens:
             ids = ids[:max_tokens]
         names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+        apply_ablation(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
         ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
                                sink_tokens=sink_tokens, spans=_parse_span(span) or None)
         if out:
@@ -422,7 +427,9 @@ def tokens(
     model_b: Optional[str] = typer.Option(None, "--model-b", help="model B; default: model A (use with --ablate-b)"),
     corpus: Path = typer.Option(..., "--corpus", help=".jsonl (text[, id, kind]), a text file, or a folder of files"),
     out: Path = typer.Option(..., "--out", help="output folder"),
-    ablate_b: Optional[str] = typer.Option(None, "--ablate-b", help="attention edit for B: window:W[,sinks:K] or nosink:K"),
+    ablate_b: Optional[str] = typer.Option(None, "--ablate-b",
+                                           help="attention edit for B: window:W[,sinks:K] or nosink:K [,layers:0-3+9]"),
+    far: Optional[int] = typer.Option(None, help="split repeats at this distance (default: the --ablate-b window)"),
     window: int = typer.Option(2048, help="tokens per scoring window"),
     min_context: int = typer.Option(512, help="left context every token after the first window gets"),
     batch_size: int = typer.Option(4, help="windows per forward pass"),
@@ -433,32 +440,27 @@ def tokens(
     max_docs: Optional[int] = typer.Option(None, help="use only the first N documents"),
 ):
     """Compare two models token by token: gap = loss_A - loss_B (> 0: B better), by token category."""
-    from attnscope.tokens import apply_ablation, parse_ablation, read_corpus, run_study
+    from attnscope.tokens import parse_ablation, read_corpus, run_study
 
     try:
         spec = parse_ablation(ablate_b) if ablate_b else None
+        _quiet_transformers()
         docs, kinds = read_corpus(corpus)
         if max_docs is not None:
             docs = dict(list(docs.items())[:max_docs])
         console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
         ma, ta = _load_model(model_a)
         if model_b is None or model_b == model_a:
+            # B = A: run_study scores A, then sets the edit on the same model (no weight copy)
             mb, tb = ma, ta
             if spec is None:
                 console.print("[yellow]model B is model A with no edit: every gap will be 0[/]")
         else:
             mb, tb = _load_model(model_b)
-        if spec is not None:
-            if mb is ma:
-                import copy
-
-                mb = copy.deepcopy(ma)  # the edit must not change model A
-            mb = apply_ablation(mb, spec)
         label_a = Path(model_a).name if Path(model_a).exists() else model_a
         label_b = (label_a if model_b is None else (Path(model_b).name if Path(model_b).exists() else model_b))
-        label_b += f" [{spec}]" if spec else ""
-        paths = run_study(ma, mb, ta, tb if tb is not ta else None, docs, out, kinds=kinds,
-                          label_a=label_a, label_b=label_b, window=window, min_context=min_context,
+        paths = run_study(ma, mb, ta, tb if tb is not ta else None, docs, out, kinds=kinds, ablate_b=spec,
+                          far=far, label_a=label_a, label_b=label_b, window=window, min_context=min_context,
                           batch_size=batch_size, tagger=tagger, min_repeat=min_repeat, n_boot=n_boot, seed=seed)
     except AttnscopeError as e:
         _fail(e)

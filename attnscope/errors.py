@@ -53,5 +53,10 @@ class OfflineError(AttnscopeError):
     """Data that must come from the Hub is unreachable (offline) and nothing is cached locally."""
 
 
+class BackendError(AttnscopeError):
+    """A backend (native, transformer_lens, nnsight) cannot run: its extra is not installed,
+    or it cannot run this kind of model."""
+
+
 class FeatureUnavailableError(AttnscopeError):
     """A requested feature is not available in this installation (missing optional part or not built yet)."""

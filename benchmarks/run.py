@@ -44,7 +44,6 @@ def child(config: str, length: int) -> dict:
     ids = lm.tokenizer(prose())["input_ids"][:length]
     assert len(ids) == length, f"shipped prose has only {len(ids)} tokens"
     model = lm.model
-    span = {"needle": (length // 2, length // 2 + 16)}
 
     def run(n: int):
         x = torch.tensor([ids[:n]])
@@ -63,7 +62,6 @@ def child(config: str, length: int) -> dict:
             attnscope.analyze(lm, token_ids=ids[:n], spans={"needle": (n // 2, n // 2 + 16)})
 
     run(64)  # warm-up: first-call initialisation is not what we measure
-    del span
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     run(length)
@@ -139,7 +137,21 @@ def main() -> None:
               "peak RSS = the whole process, model included.")
     print(header + "\n\n" + md)
     if args.out:
-        Path(args.out).write_text(header + "\n\n" + md + "\n")
+        write_section(Path(args.out), "## Core: streaming statistics vs a plain forward",
+                      header + "\n\n" + md + "\n")
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) one `## ` section of a markdown file, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    block = f"{heading}\n\nCommand: `python benchmarks/run.py --out {path}`\n\n{body}\n"
+    if start < 0:
+        text = text.rstrip() + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from attnscope.errors import AttnscopeError, SpecError
+from attnscope.errors import AttnscopeError
 from attnscope.tokens import (
-    AblationSpec,
+    ablated,
     align_losses,
     annotate,
     annotate_document,
@@ -24,8 +24,8 @@ from attnscope.tokens import (
     compare,
     filtered_losses,
     gap_by_repeat,
-    parse_ablation,
     regress,
+    repeat_distances,
     repeat_lengths,
     tag_words,
     token_losses,
@@ -129,6 +129,33 @@ def test_repeat_lengths_match_brute_force():
         vocab = int(rng.integers(1, 5))
         seq = [int(x) for x in rng.integers(0, vocab, size=n)]
         assert repeat_lengths(seq).tolist() == _repeat_brute(seq), seq
+
+
+def _distance_brute(seq):
+    out = []
+    for i, L in enumerate(repeat_lengths(seq).tolist()):
+        run = seq[i - L + 1 : i + 1]
+        ends = [p for p in range(L - 1, i) if seq[p - L + 1 : p + 1] == run] if L else []
+        out.append(i - max(ends) if L else 0)
+    return out
+
+
+def test_repeat_distances_match_brute_force():
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        n = int(rng.integers(0, 70))  # small alphabets: runs longer than the 8-gram table
+        vocab = int(rng.integers(1, 5))
+        seq = [int(x) for x in rng.integers(0, vocab, size=n)]
+        assert repeat_distances(seq).tolist() == _distance_brute(seq), seq
+    words = list(rng.integers(0, 40, size=300))
+    seq = words + words[50:120] + list(rng.integers(0, 40, size=30)) + words[50:120]
+    assert repeat_distances(seq).tolist() == _distance_brute(seq)
+
+
+def test_repeat_distances_examples():
+    assert repeat_distances([7, 7, 7, 7]).tolist() == [0, 1, 1, 1]
+    # the second "abc" copies the first (4 back); the final "a", "ab" copy the second (3 back)
+    assert repeat_distances(list("xabcyabcab")).tolist() == [0, 0, 0, 0, 0, 4, 4, 4, 3, 3]
 
 
 def test_repeat_lengths_examples():
@@ -476,27 +503,19 @@ def test_regression_matches_numpy():
 # ------------------------------------------------------------------ ablation spec and CLI
 
 
-def test_parse_ablation():
-    assert parse_ablation("window:64") == AblationSpec(window=64)
-    assert parse_ablation("window:64,sinks:4") == AblationSpec(window=64, sinks=4)
-    assert parse_ablation(" sinks:2 , window:8") == AblationSpec(window=8, sinks=2)
-    assert parse_ablation("nosink:1") == AblationSpec(nosink=1)
-    assert str(parse_ablation("window:64,sinks:4")) == "window:64,sinks:4"
-    for bad in ("window", "window:x", "window:0", "sinks:4", "nosink:2,window:8", "foo:1", "window:4,window:5"):
-        with pytest.raises(SpecError):
-            parse_ablation(bad)
-
-
-def test_apply_ablation_says_when_the_core_lacks_it(llama_word):
-    import attnscope.capture as capture
-
-    from attnscope.errors import FeatureUnavailableError
-    from attnscope.tokens import apply_ablation
-
-    if hasattr(capture, "AttentionEdit"):
-        pytest.skip("the core provides attention edits; covered by its own tests")
-    with pytest.raises(FeatureUnavailableError, match="window:8,sinks:2"):
-        apply_ablation(llama_word, parse_ablation("window:8,sinks:2"))
+def test_compare_with_ablated_b_scores_the_same_model_twice(llama_word, tok_word, corpus):
+    kw = dict(window=64, min_context=16, progress=False)
+    plain = token_losses(llama_word, tok_word, corpus, **kw)
+    with ablated(llama_word, "window:4"):
+        windowed = token_losses(llama_word, tok_word, corpus, **kw)
+    t = compare(llama_word, None, tok_word, None, corpus, ablate_b="window:4", **kw)
+    assert getattr(llama_word.model.layers[0].self_attn, "_attnscope_edit", None) is None  # A left as it was
+    np.testing.assert_array_equal(t["loss_a"], plain["loss"])
+    np.testing.assert_array_equal(t["loss_b"], windowed["loss"])
+    # a token whose whole context fits the window is predicted the same; the others are not
+    inside = t["context_len_a"] <= 4
+    assert np.allclose(t.loc[inside, "gap"], 0, atol=1e-4)
+    assert (t.loc[~inside, "gap"].abs() > 1e-3).mean() > 0.9
 
 
 def test_cli_end_to_end(tmp_path, llama_word, tok_word, corpus):
@@ -537,6 +556,21 @@ def test_cli_end_to_end(tmp_path, llama_word, tok_word, corpus):
     bad = CliRunner().invoke(app, ["tokens", "--model-a", str(tmp_path / "a"), "--corpus", str(src), "--out",
                                    str(out), "--ablate-b", "window:oops"])
     assert bad.exit_code == 2 and "window:oops" in bad.output
+
+    # model B = model A with a 4-token window: no second model, the edit is recorded
+    out2 = tmp_path / "out2"
+    res = CliRunner().invoke(app, ["tokens", "--model-a", str(tmp_path / "a"), "--corpus", str(src), "--out",
+                                   str(out2), "--ablate-b", "window:4", "--window", "64", "--min-context", "16",
+                                   "--n-boot", "20", "--tagger", "lexicon"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out2 / "regression.json").read_text())
+    assert summary["ablate_b"] == "window:4" and summary["far"] == 4 and "[window:4]" in summary["model_b"]
+    table_file = next(out2.glob("tokens.*"))
+    tab = pd.read_parquet(table_file) if table_file.suffix == ".parquet" else pd.read_csv(table_file)
+    assert {"repeat_distance"} <= set(tab.columns)
+    assert np.allclose(tab.loc[tab.context_len_a <= 4, "gap"], 0, atol=1e-4)
+    cats = set(pd.read_csv(out2 / "category_means.csv")["category"])
+    assert {"repeated_near", "repeated_far"} <= cats
 
 
 # ------------------------------------------------------------------ the real model

@@ -42,6 +42,14 @@ class AttentionEdit:
     def applies(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
 
+    def hides_nothing(self, n_keys: int) -> bool:
+        """True when no key of an `n_keys`-key input is hidden (window >= n_keys, no dropped sinks).
+
+        The attention function then runs the unedited kernel, so such an edit leaves the
+        model's outputs bit-for-bit unchanged.
+        """
+        return not self.drop_sinks and (self.window is None or self.window >= n_keys)
+
     def describe(self) -> str:
         parts = []
         if self.window is not None:
@@ -247,7 +255,7 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     window = layer_window(module, kwargs)
     edit = getattr(module, "_attnscope_edit", None)
-    if edit is not None and not edit.applies(layer):
+    if edit is not None and (not edit.applies(layer) or edit.hides_nothing(key.shape[2])):
         edit = None
     softcap = kwargs.get("softcap")
     observers = [o for o in _OBSERVERS if o.wants(layer)]

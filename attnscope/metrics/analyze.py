@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from attnscope.capture.interface import capture, layer_window
+from attnscope.capture.interface import layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
 from attnscope.metrics.reductions import (
@@ -35,14 +35,12 @@ DIMS = {
 }
 
 
-def _unwrap(model, tokenizer):
-    """Accept a LoadedModel or a plain transformers model (+ tokenizer)."""
-    from attnscope.models.loading import LoadedModel
+def _resolve(model, tokenizer, backend):
+    """Which model and which backend: a LoadedModel, a transformers model, a TransformerLens
+    bridge or an nnsight model (see attnscope/backends; peers are imported only when used)."""
+    from attnscope.backends import resolve
 
-    if isinstance(model, LoadedModel):
-        return model.model, tokenizer or model.tokenizer, model.name, model.revision
-    name = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
-    return model, tokenizer, name, None
+    return resolve(model, tokenizer, backend)
 
 
 def _tokenize(tokenizer, text, token_ids, max_tokens) -> list[list[int]]:
@@ -83,14 +81,20 @@ def analyze(
     layers: Sequence[int] | None = None,
     max_tokens: int | None = None,
     pattern_limit_bytes: int = PATTERN_LIMIT_BYTES,
+    backend: str | None = None,
 ) -> xr.Dataset:
     """Exact attention statistics per layer and query head of `model` on `text`.
 
     One string gives dims (layer, head, ...); a list of strings is run as one left-padded batch
     and gains a leading `sequence` dim. Spans are token ranges [start, end) within the text.
     See docs/metrics.md for each metric's formula and defaults.
+
+    `model` may also be a TransformerLens `TransformerBridge` or an nnsight model; `backend`
+    ("native", "transformer_lens", "nnsight"; default: the model's own kind, native for a
+    LoadedModel or transformers model) says where attention is read from (docs/backends.md).
     """
-    hf_model, tokenizer, name, revision = _unwrap(model, tokenizer)
+    source = _resolve(model, tokenizer, backend)
+    hf_model, tokenizer, name, revision = source.hf_model, source.tokenizer, source.name, source.revision
     metrics = tuple(metrics)
     if spans and "span_mass" not in metrics:
         metrics = metrics + ("span_mass",)
@@ -138,18 +142,16 @@ def analyze(
         attention_mask[b, longest - len(s):] = 1
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
                              max_length=longest)
-    decoder = getattr(hf_model, "base_model", hf_model)  # skip the LM head: no T x vocab logits
-    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
-    if len(seqs) > 1:
-        kwargs["attention_mask"] = attention_mask.to(device)
-    with torch.no_grad(), capture(hf_model, recorder):
-        decoder(**kwargs)
+    source.run(recorder, input_ids.to(device),
+               attention_mask.to(device) if len(seqs) > 1 else None)
     if not recorder.results:
         raise AttnscopeError(
             f"{type(hf_model).__name__} produced no attention through attnscope's attention "
             "function; it may not use transformers' AttentionInterface")
-    return _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model,
-                       sink_tokens, bins, n_layers)
+    ds = _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model,
+                     sink_tokens, bins, n_layers)
+    ds.attrs["backend"] = source.backend
+    return ds
 
 
 def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model, sink_tokens,

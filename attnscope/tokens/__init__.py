@@ -8,7 +8,7 @@ Typical use::
 
 See docs/tokens.md for the definitions.
 """
-from attnscope.tokens.ablate import AblationSpec, apply_ablation, parse_ablation
+from attnscope.tokens.ablate import ablated, apply_ablation, parse_ablation
 from attnscope.tokens.analysis import (
     RegressionResult,
     bootstrap_means,
@@ -18,16 +18,16 @@ from attnscope.tokens.analysis import (
     indicators,
     regress,
 )
-from attnscope.tokens.categories import annotate, annotate_document, repeat_lengths, tag_words
-from attnscope.tokens.corpus import read_corpus
+from attnscope.tokens.categories import annotate, annotate_document, repeat_distances, repeat_lengths, tag_words
+from attnscope.tokens.corpus import read_corpus, repeat_corpus
 from attnscope.tokens.losses import align_losses, compare, token_losses
 from attnscope.tokens.study import run_study
 
 __all__ = [
     "token_losses", "compare", "align_losses",
-    "annotate", "annotate_document", "repeat_lengths", "tag_words",
+    "annotate", "annotate_document", "repeat_lengths", "repeat_distances", "tag_words",
     "indicators", "bootstrap_means", "category_means", "regress", "RegressionResult",
     "filtered_losses", "gap_by_repeat",
-    "AblationSpec", "parse_ablation", "apply_ablation",
-    "read_corpus", "run_study",
+    "parse_ablation", "apply_ablation", "ablated",
+    "read_corpus", "repeat_corpus", "run_study",
 ]

@@ -1,81 +1,125 @@
-"""The ``--ablate-b`` spec: which attention edit turns model A into model B.
+"""Attention ablations as text specs, applied through attnscope's attention function.
 
-Grammar (comma-separated, order free):
+Grammar of a spec (fields separated by ``,`` or ``;``, order free):
 
 * ``window:W`` — each query attends only to the last W keys (itself included);
-* ``window:W,sinks:K`` — the same, plus the first K tokens of the sequence (sink tokens) always visible;
-* ``nosink:K`` — the first K tokens are masked out for every query after them.
+* ``sinks:K`` — with a window, the first K tokens of the sequence stay visible too;
+* ``nosink:K`` — the first K tokens are hidden from every query (the softmax
+  renormalises over the remaining keys; a query always sees itself);
+* ``layers:L`` — apply the edit to these attention layers only: ``0+3+7``,
+  ``0-11`` (inclusive range) or a mix ``0-3+9``; default every layer.
 
-The edit itself is applied by the core attention function; this module only
-parses and hands the spec over.
+``parse_ablation`` turns a spec into the core's :class:`attnscope.AttentionEdit`
+(``window``, ``keep_sinks``, ``drop_sinks``, ``layers``); ``edit.describe()``
+writes it back in the same grammar. The edit is an exact mask inside the
+registered attention function (attnscope/capture/interface.py), so it works on
+any model attnscope can load, and an edit that hides nothing for an input
+(window >= input length, no dropped sinks) leaves the logits bit-for-bit unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from typing import Iterator
 
-from attnscope.errors import AttnscopeError, FeatureUnavailableError, SpecError
+from attnscope.capture.interface import ATTN_IMPLEMENTATION, AttentionEdit, register, set_edit, using_attnscope
+from attnscope.errors import SpecError
 
-__all__ = ["AblationSpec", "parse_ablation", "apply_ablation"]
+__all__ = ["parse_ablation", "apply_ablation", "ablated", "current_edit"]
 
-
-@dataclass(frozen=True)
-class AblationSpec:
-    """Fields mirror the core's AttentionEdit: ``window`` (keys visible, None = all),
-    ``sinks`` (first tokens kept visible under a window), ``nosink`` (first tokens masked)."""
-
-    window: int | None = None
-    sinks: int = 0
-    nosink: int = 0
-
-    def __str__(self) -> str:
-        parts = []
-        if self.window is not None:
-            parts.append(f"window:{self.window}")
-        if self.sinks:
-            parts.append(f"sinks:{self.sinks}")
-        if self.nosink:
-            parts.append(f"nosink:{self.nosink}")
-        return ",".join(parts)
+_GRAMMAR = "use window:W[,sinks:K][,layers:0-3+9] or nosink:K[,layers:...]"
 
 
-def parse_ablation(text: str) -> AblationSpec:
-    """Parse ``window:W[,sinks:K]`` or ``nosink:K`` into an :class:`AblationSpec`."""
+def _parse_layers(text: str, val: str) -> tuple[int, ...]:
+    layers: set[int] = set()
+    for piece in val.split("+"):
+        lo, dash, hi = piece.strip().partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if dash else a
+        except ValueError:
+            raise SpecError(f"ablation {text!r}: layers:{val} should read like 0+3+7 or 0-11") from None
+        if a < 0 or b < a:
+            raise SpecError(f"ablation {text!r}: layer range {piece!r} is empty or negative")
+        layers.update(range(a, b + 1))
+    return tuple(sorted(layers))
+
+
+def parse_ablation(text: str | AttentionEdit) -> AttentionEdit:
+    """Parse a spec like ``window:64,sinks:4`` or ``nosink:4`` into an AttentionEdit.
+
+    An AttentionEdit is returned unchanged. Raises SpecError (saying which part is
+    wrong) for unknown fields, repeated fields, non-positive sizes, ``sinks``
+    without ``window``, and ``sinks`` together with ``nosink``.
+    """
+    if isinstance(text, AttentionEdit):
+        return text
     fields: dict[str, int] = {}
-    for part in text.split(","):
+    layers = None
+    for part in text.replace(";", ",").split(","):
         part = part.strip()
         key, sep, val = part.partition(":")
         key = key.strip().lower()
-        if not sep or key not in ("window", "sinks", "nosink"):
-            raise SpecError(f"ablation {text!r}: cannot read {part!r}; use window:W[,sinks:K] or nosink:K")
-        if key in fields:
+        if not sep or key not in ("window", "sinks", "nosink", "layers"):
+            raise SpecError(f"ablation {text!r}: cannot read {part!r}; {_GRAMMAR}")
+        if key in fields or (key == "layers" and layers is not None):
             raise SpecError(f"ablation {text!r}: {key} given twice")
+        if key == "layers":
+            layers = _parse_layers(text, val)
+            continue
         try:
             n = int(val)
         except ValueError:
             raise SpecError(f"ablation {text!r}: {key} needs an integer, got {val!r}") from None
-        if n < (1 if key != "sinks" else 0):
+        if n < 1:
             raise SpecError(f"ablation {text!r}: {key}:{n} must be positive")
         fields[key] = n
     if "sinks" in fields and "window" not in fields:
-        raise SpecError(f"ablation {text!r}: sinks:K only makes sense with window:W")
-    if "nosink" in fields and len(fields) > 1:
-        raise SpecError(f"ablation {text!r}: nosink:K cannot be combined with window/sinks")
-    return AblationSpec(window=fields.get("window"), sinks=fields.get("sinks", 0), nosink=fields.get("nosink", 0))
+        raise SpecError(f"ablation {text!r}: sinks:K keeps sinks visible under a window; add window:W")
+    if "sinks" in fields and "nosink" in fields:
+        raise SpecError(f"ablation {text!r}: sinks:K (keep the first K tokens) contradicts nosink:K (hide them)")
+    if not fields:
+        raise SpecError(f"ablation {text!r}: layers alone edits nothing; {_GRAMMAR}")
+    return AttentionEdit(window=fields.get("window"), keep_sinks=fields.get("sinks", 0),
+                         drop_sinks=fields.get("nosink", 0), layers=layers)
 
 
-def apply_ablation(model, spec: AblationSpec):
-    """Return ``model`` with the attention edit applied, through the core's AttentionEdit.
+def current_edit(model) -> AttentionEdit | None:
+    """The edit set on ``model``'s attention layers (None when there is none)."""
+    return next((e for m in model.modules() if (e := getattr(m, "_attnscope_edit", None)) is not None), None)
 
-    Raises FeatureUnavailableError while the core does not provide it.
+
+def apply_ablation(model, edit: str | AttentionEdit | None):
+    """Set (or with None remove) an attention edit on ``model`` in place, and return it.
+
+    Setting an edit also routes the model's attention through attnscope's
+    function when it is not already (``attnscope.load`` models already are;
+    without an edit that function computes what sdpa computes). :func:`ablated`
+    does the same for a block and restores everything afterwards. No weights
+    are copied: to compare a model with its ablated self, score it, apply the
+    edit, score it again, then remove the edit (``apply_ablation(model, None)``);
+    this is what ``compare``/``run_study`` do with ``ablate_b=``.
     """
-    try:
-        from attnscope.capture import AttentionEdit, edit_attention  # provided by the core
-    except ImportError:
-        raise FeatureUnavailableError(
-            f"--ablate-b {spec}: attention ablations are not available in this attnscope build "
-            "(attnscope.capture.AttentionEdit / edit_attention missing); update attnscope, "
-            "or pass an already-ablated model as model B through the Python API (attnscope.tokens.compare)"
-        ) from None
-    except Exception as e:  # pragma: no cover - a broken core import should say so
-        raise AttnscopeError(f"loading the core attention edit failed: {e}") from e
-    return edit_attention(model, AttentionEdit(window=spec.window, sinks=spec.sinks, nosink=spec.nosink))
+    if edit is not None:
+        edit = parse_ablation(edit)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            register()
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    set_edit(model, edit)
+    return model
+
+
+@contextlib.contextmanager
+def ablated(model, edit: str | AttentionEdit | None) -> Iterator:
+    """Run ``model`` with an attention edit inside the block; restore its previous state after.
+
+    Routes attention through attnscope for the duration (restoring the previous
+    attention implementation afterwards) and puts back whatever edit was set before.
+    """
+    previous = current_edit(model)
+    with using_attnscope(model):
+        set_edit(model, None if edit is None else parse_ablation(edit))
+        try:
+            yield model
+        finally:
+            set_edit(model, previous)

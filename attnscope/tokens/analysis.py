@@ -32,13 +32,16 @@ MIN_REPEAT = 4
 CONTROLS = ("log_freq", "log_repeat", "log_position", "n_chars")
 
 
-def indicators(table: pd.DataFrame, *, min_repeat: int = MIN_REPEAT) -> pd.DataFrame:
+def indicators(table: pd.DataFrame, *, min_repeat: int = MIN_REPEAT, far: int | None = None) -> pd.DataFrame:
     """Boolean category columns (and numeric controls) built from the annotation columns.
 
     content, function, pos_<TAG> (every tag seen), open_bracket, close_bracket,
     open_<kind>/close_<kind> (round, square, curly, angle), tag_open, tag_close,
-    repeated (repeat_len >= min_repeat), not_repeated_content; controls
-    log_repeat = log(1 + repeat_len), log_position = log(1 + position).
+    repeated (repeat_len >= min_repeat), not_repeated_content; with ``far`` = W
+    (an attention window) also repeated_near / repeated_far: repeated tokens
+    whose most recent earlier occurrence ends within / beyond W tokens
+    (repeat_distance <= W / > W); controls log_repeat = log(1 + repeat_len),
+    log_position = log(1 + position).
     """
     out = pd.DataFrame(index=table.index)
     wc = table.get("word_class")
@@ -62,6 +65,12 @@ def indicators(table: pd.DataFrame, *, min_repeat: int = MIN_REPEAT) -> pd.DataF
         out["repeated"] = table["repeat_len"] >= min_repeat
         if "content" in out:
             out["content_not_repeated"] = out["content"] & ~out["repeated"]
+        if far is not None:
+            if "repeat_distance" not in table:
+                raise AttnscopeError("far= needs the repeat_distance column; annotate the table first")
+            beyond = table["repeat_distance"] > far
+            out["repeated_near"] = out["repeated"] & ~beyond
+            out["repeated_far"] = out["repeated"] & beyond
         out["log_repeat"] = np.log1p(table["repeat_len"].astype(float))
     if "position" in table:
         out["log_position"] = np.log1p(table["position"].astype(float))
@@ -128,6 +137,7 @@ def category_means(
     ci: float = 0.95,
     seed: int = 0,
     min_repeat: int = MIN_REPEAT,
+    far: int | None = None,
 ) -> pd.DataFrame:
     """Mean ``value`` over the tokens of each boolean category, with document-bootstrap CIs.
 
@@ -135,7 +145,7 @@ def category_means(
     ones, plus ``all``). A token can be in several categories; each category is
     bootstrapped with the same document draws (same seed).
     """
-    ind = indicators(table, min_repeat=min_repeat)
+    ind = indicators(table, min_repeat=min_repeat, far=far)
     ind["all"] = True
     if categories is None:
         categories = ["all"] + [c for c in ind.columns if ind[c].dtype == bool and c != "all"]
@@ -214,6 +224,7 @@ def regress(
     cov_type: str = "cluster",
     alpha: float = 0.05,
     min_repeat: int = MIN_REPEAT,
+    far: int | None = None,
 ) -> RegressionResult:
     """OLS ``value ~ 1 + categories + controls`` (statsmodels).
 
@@ -226,7 +237,7 @@ def regress(
     """
     import statsmodels.api as sm
 
-    ind = indicators(table, min_repeat=min_repeat)
+    ind = indicators(table, min_repeat=min_repeat, far=far)
     cols = list(categories) + list(controls)
     missing = [c for c in cols if c not in ind]
     if missing:
@@ -269,8 +280,8 @@ def regress(
     )
 
 
-def _default_filters() -> dict[str, Callable[[pd.DataFrame], pd.Series]]:
-    return {
+def _default_filters(split_repeats: bool = False) -> dict[str, Callable[[pd.DataFrame], pd.Series]]:
+    filters = {
         "all": lambda i: pd.Series(True, index=i.index),
         "content_not_repeated": lambda i: i["content"] & ~i["repeated"],
         "function_not_repeated": lambda i: i["function"] & ~i["repeated"],
@@ -278,6 +289,11 @@ def _default_filters() -> dict[str, Callable[[pd.DataFrame], pd.Series]]:
         "open_bracket": lambda i: i["open_bracket"],
         "close_bracket": lambda i: i["close_bracket"],
     }
+    if split_repeats:
+        filters["repeated_near"] = lambda i: i["repeated_near"]
+        filters["repeated_far"] = lambda i: i["repeated_far"]
+        filters["not_repeated_far"] = lambda i: ~i["repeated_far"]
+    return filters
 
 
 DEFAULT_FILTERS = tuple(_default_filters())
@@ -291,15 +307,17 @@ def filtered_losses(
     ci: float = 0.95,
     seed: int = 0,
     min_repeat: int = MIN_REPEAT,
+    far: int | None = None,
 ) -> pd.DataFrame:
     """Mean loss of each model, and the gap with its CI, over filtered token sets.
 
     ``filters`` maps a name to a function of the :func:`indicators` frame
     returning a boolean mask (default: all, content_not_repeated,
-    function_not_repeated, repeated, open_bracket, close_bracket).
+    function_not_repeated, repeated, open_bracket, close_bracket; with ``far``
+    also repeated_near, repeated_far and not_repeated_far).
     """
-    ind = indicators(table, min_repeat=min_repeat)
-    filters = filters or _default_filters()
+    ind = indicators(table, min_repeat=min_repeat, far=far)
+    filters = filters or _default_filters(far is not None)
     rows = []
     for name, fn in filters.items():
         try:
@@ -327,8 +345,25 @@ def gap_by_repeat(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    far: int | None = None,
 ) -> pd.DataFrame:
-    """Mean gap per repeat-length bin (left-closed ``[lo, hi)``), document-bootstrap CIs."""
+    """Mean gap per repeat-length bin (left-closed ``[lo, hi)``), document-bootstrap CIs.
+
+    With ``far`` = W the tokens are split by ``repeat_distance`` into ``near``
+    (<= W; with repeat_len 0 always here) and ``far`` (> W) rows, marked in a
+    ``distance`` column ("all" without ``far``).
+    """
+    if far is not None:
+        if "repeat_distance" not in table:
+            raise AttnscopeError("far= needs the repeat_distance column; annotate the table first")
+        beyond = table["repeat_distance"].to_numpy() > far
+        parts = []
+        for name, sel in (("near", ~beyond), ("far", beyond)):
+            if sel.any():
+                r = gap_by_repeat(table[sel], bins, value=value, n_boot=n_boot, ci=ci, seed=seed)
+                r["distance"] = name
+                parts.append(r)
+        return pd.concat(parts, ignore_index=True)
     edges = np.asarray(bins, dtype=float)
     b = np.searchsorted(edges, table["repeat_len"].to_numpy(dtype=float), side="right") - 1
     labels = []
@@ -346,4 +381,5 @@ def gap_by_repeat(
     )
     r["bin"] = [labels[int(g)] for g in r["group"]]
     r["repeat_lo"] = [edges[int(g)] for g in r["group"]]
-    return r[["bin", "repeat_lo", "n_tokens", "n_docs", "mean", "ci_low", "ci_high"]]
+    r["distance"] = "all"
+    return r[["bin", "repeat_lo", "distance", "n_tokens", "n_docs", "mean", "ci_low", "ci_high"]]

@@ -11,7 +11,9 @@ Every token of a document gets:
   both), ``tag_side`` (open / close / self for every token overlapping a markup
   tag ``<p ...>``, ``</p>``, ``<br/>``);
 * ``repeat_len``: length in tokens of the longest run ending at this token that
-  occurs verbatim earlier in the document (see :func:`repeat_lengths`);
+  occurs verbatim earlier in the document (see :func:`repeat_lengths`), and
+  ``repeat_distance``: how far back its most recent earlier occurrence ends
+  (see :func:`repeat_distances`);
 * ``position`` (token index in the document), ``log_freq`` (natural log of the
   token id's relative frequency in the corpus given), ``n_chars`` (characters
   of the token, whitespace excluded).
@@ -43,6 +45,7 @@ from attnscope.errors import AttnscopeError
 
 __all__ = [
     "repeat_lengths",
+    "repeat_distances",
     "annotate_document",
     "annotate",
     "tag_words",
@@ -135,6 +138,58 @@ def repeat_lengths(seq) -> np.ndarray:
                 link[cur] = clone
         last = cur
     return out
+
+
+def repeat_distances(seq, lengths=None) -> np.ndarray:
+    """For each i with L = repeat_len[i] >= 1, the distance i - p back to the end p of
+    the most recent earlier occurrence of the run seq[i-L+1 : i+1] (0 where L = 0).
+
+    For an attention window of W keys (the query included) the earlier copy can be
+    read directly exactly when the distance is <= W: to predict token i the model
+    queries from position i-1 the key p that followed the earlier run, i-1-p < W.
+
+    Along a run that keeps growing (L[i] = L[i-1] + 1) the most recent occurrence
+    is the previous one moved on by one whenever that still matches (a more
+    recent occurrence of the longer run would contain a more recent occurrence
+    of the shorter one). Otherwise: for L <= 8 a table n-gram -> last end
+    position (one per n = 1..8, filled as the scan goes) answers at once; for
+    L > 8 the earlier ends of the same 8-gram are tried newest first, comparing
+    L tokens. Exact; O(8 n) table updates plus those rare long comparisons.
+    """
+    arr = [x.item() if hasattr(x, "item") else x for x in seq]
+    n = len(arr)
+    lengths = repeat_lengths(arr) if lengths is None else np.asarray(lengths)
+    K = _NGRAM_TABLE
+    last: list[dict] = [{} for _ in range(K + 1)]  # last[m][m-gram] = end of its latest occurrence
+    ends_k: dict = {}  # K-gram -> every end position, in order
+    out = np.zeros(n, dtype=np.int64)
+    prev_p = -1  # end of the most recent earlier occurrence of the run ending at i-1
+    for i in range(n):
+        L = int(lengths[i])
+        p = -1
+        if L > 0:
+            if prev_p >= 0 and L == int(lengths[i - 1]) + 1 and arr[prev_p + 1] == arr[i]:
+                p = prev_p + 1
+            elif L <= K:
+                p = last[L].get(tuple(arr[i - L + 1 : i + 1]), -1)
+            else:
+                run = arr[i - L + 1 : i + 1]
+                for q in reversed(ends_k.get(tuple(run[-K:]), ())):
+                    if q >= L - 1 and arr[q - L + 1 : q + 1] == run:
+                        p = q
+                        break
+            if p < 0:  # lengths not those of repeat_lengths(seq)
+                raise AttnscopeError(f"repeat_distances: no earlier occurrence of the run of length {L} ending at {i}")
+            out[i] = i - p
+        prev_p = p
+        for m in range(1, min(K, i + 1) + 1):
+            last[m][tuple(arr[i - m + 1 : i + 1])] = i
+        if i + 1 >= K:
+            ends_k.setdefault(tuple(arr[i - K + 1 : i + 1]), []).append(i)
+    return out
+
+
+_NGRAM_TABLE = 8
 
 
 # ---------------------------------------------------------------- tagging
@@ -279,12 +334,13 @@ def annotate_document(
     """Categories of every token of one document (spans partition the text).
 
     Returns one row per token (index = token index) with columns pos,
-    word_class, word_part, bracket_kind, bracket_side, tag_side, repeat_len,
+    word_class, word_part, bracket_kind, bracket_side, tag_side, repeat_len, repeat_distance,
     position, n_chars. ``log_freq`` needs the corpus: see :func:`annotate`.
     """
     starts = np.asarray(starts, dtype=np.int64)
     ends = np.asarray(ends, dtype=np.int64)
     n = len(starts)
+    rep = repeat_lengths(token_ids)
     w_s, w_e, w_tags = _word_tags(text, tagger)
     tag_delims: set[int] = set()
     tag_spans = []
@@ -328,7 +384,8 @@ def annotate_document(
             "bracket_kind": bkind,
             "bracket_side": bside,
             "tag_side": tside,
-            "repeat_len": repeat_lengths(token_ids),
+            "repeat_len": rep,
+            "repeat_distance": repeat_distances(token_ids, rep),
             "position": np.arange(n, dtype=np.int64),
             "n_chars": nchars,
         }

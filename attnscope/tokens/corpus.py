@@ -6,7 +6,7 @@ from pathlib import Path
 
 from attnscope.errors import AttnscopeError
 
-__all__ = ["read_corpus"]
+__all__ = ["read_corpus", "repeat_corpus"]
 
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".html", ".htm", ".xml", ".tex", ".json", ".js", ".c", ".h",
                   ".cpp", ".java", ".rs", ".go", ".css", ".yaml", ".yml", ".toml", ".csv"}
@@ -53,3 +53,72 @@ def read_corpus(path) -> tuple[dict[str, str], dict[str, str]]:
     if not docs:
         raise AttnscopeError(f"corpus {p} holds no non-empty document")
     return docs, {k: kinds[k] for k in docs}
+
+
+# (kind, shipped text, first block used): one document per source
+_REPEAT_SOURCES = (("prose", "loc_workshop", 20), ("prose", "alice", 30), ("code", "python_stdlib", 40))
+
+
+def _blocks(text: str, first: int) -> list[str]:
+    return [b for b in text.split("\n\n")[first:] if len(b.strip()) >= 40]
+
+
+def _take(blocks: list[str], k: int, chars: int) -> tuple[str, int]:
+    """Whole blocks from index k until at least `chars` characters; (text, next index)."""
+    out: list[str] = []
+    while sum(map(len, out)) < chars and k < len(blocks):
+        out.append(blocks[k])
+        k += 1
+    return "\n\n".join(out), k
+
+
+def _head(block: str, chars: int) -> str:
+    """The block cut after the last sentence (or line) end before `chars` characters."""
+    if len(block) <= chars:
+        return block
+    cut = max(block.rfind(". ", 0, chars), block.rfind("\n", 0, chars))
+    return block[: cut + 1] if cut > chars // 3 else block[:chars]
+
+
+def repeat_corpus(path=None) -> tuple[dict[str, str], dict[str, str]]:
+    """Three real documents (two prose, one code) with passages repeated at known distances.
+
+    Built from the shipped texts ``loc_workshop``, ``alice`` and ``python_stdlib``
+    (attnscope.probing.texts), each about 1,000 SmolLM2 tokens, laid out as::
+
+        F1  P  F2  P  F3  Q  Q  F4  H
+
+    F1..F4 are consecutive fresh passages of the source, P a passage of ~500
+    characters repeated after F2 (its copy starts ~250 tokens after the
+    original: far beyond a 64-token window), Q a passage of ~140 characters
+    repeated at once (the copy starts ~35 tokens after the original: inside a
+    64-token window), and H the first ~400 characters of F1 again (~900
+    tokens back). Natural repeats inside the fresh passages stay as they are.
+    Returns (doc_id -> text, doc_id -> kind); with ``path``, also writes each
+    document to ``path/<kind>/<source>.txt`` (a corpus folder for ``attnscope tokens``).
+    """
+    from attnscope.probing.texts import load_text
+
+    docs: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    for kind, source, first in _REPEAT_SOURCES:
+        blocks = _blocks(load_text(source), first)
+        f1, k = _take(blocks, 0, 900)
+        p, k = _take(blocks, k, 1)
+        p = _head(p, 500)
+        f2, k = _take(blocks, k, 700)
+        f3, k = _take(blocks, k, 450)
+        q, k = _take(blocks, k, 1)
+        q = _head(q, 140)
+        f4, k = _take(blocks, k, 450)
+        h = _head(f1, 400)
+        doc_id = f"{kind}/{source}.txt"
+        docs[doc_id] = "\n\n".join([f1, p, f2, p, f3, q, q, f4, h]) + "\n"
+        kinds[doc_id] = kind
+    if path is not None:
+        root = Path(path)
+        for doc_id, text in docs.items():
+            f = root / doc_id
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(text, encoding="utf-8")
+    return docs, kinds

@@ -55,8 +55,12 @@ def plot_category_gaps(means: pd.DataFrame, stem, *, title: str = "Mean loss gap
 
 
 def plot_gap_vs_repeat(by_repeat: pd.DataFrame, stem, *, title: str = "Loss gap vs repeated n-gram length",
-                       label_a: str = "A", label_b: str = "B") -> list[Path]:
-    """Mean gap per repeat-length bin with CI band (``gap_by_repeat`` output)."""
+                       label_a: str = "A", label_b: str = "B", far: int | None = None) -> list[Path]:
+    """Mean gap per repeat-length bin with CI whiskers (``gap_by_repeat`` output).
+
+    One series per value of its ``distance`` column (``near``/``far`` when the
+    table was split at an attention window ``far``, else a single ``all``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,26 +70,40 @@ def plot_gap_vs_repeat(by_repeat: pd.DataFrame, stem, *, title: str = "Loss gap 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     df = by_repeat.dropna(subset=["mean"])
-    x = np.arange(len(df))
-    lo, hi = _errors(df, "mean")
+    if "distance" not in df:
+        df = df.assign(distance="all")
+    order = [b for b in by_repeat["bin"].drop_duplicates()]
+    pos = {b: k for k, b in enumerate(order)}
+    names = {"all": "all tokens",
+             "near": "earlier copy within the window" + (f" (≤ {far} tokens back)" if far else "")
+                     + "; bin 0: no copy",
+             "far": "earlier copy beyond the window" + (f" (> {far} tokens back)" if far else "")}
     ylabel = f"mean gap loss({label_a}) − loss({label_b}), nats"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(x, df["mean"], yerr=[lo, hi], marker="o", capsize=3)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    pfig = go.Figure()
+    groups = list(df.groupby("distance", sort=False))
+    for k, (dist, sub) in enumerate(groups):
+        x = np.array([pos[b] for b in sub["bin"]], dtype=float) + (k - (len(groups) - 1) / 2) * 0.12
+        lo, hi = _errors(sub, "mean")
+        ax.errorbar(x, sub["mean"], yerr=[lo, hi], marker="o", capsize=3, label=names.get(dist, dist))
+        pfig.add_trace(go.Scatter(
+            x=sub["bin"], y=sub["mean"], mode="lines+markers", name=names.get(dist, dist),
+            error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo),
+            customdata=sub[["n_tokens"]].to_numpy(),
+            hovertemplate="repeat %{x}: %{y:.4f}<br>tokens %{customdata[0]}<extra></extra>",
+        ))
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, df["bin"])
+    ax.set_xticks(np.arange(len(order)), order)
     ax.set_xlabel("repeat length (tokens of the longest earlier verbatim run ending here)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if len(groups) > 1:
+        ax.legend(fontsize=8)
     paths = _save_mpl(fig, stem)
     plt.close(fig)
 
-    pfig = go.Figure(go.Scatter(
-        x=df["bin"], y=df["mean"], mode="lines+markers",
-        error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo),
-        customdata=df[["n_tokens"]].to_numpy(),
-        hovertemplate="repeat %{x}: %{y:.4f}<br>tokens %{customdata[0]}<extra></extra>",
-    ))
-    pfig.update_layout(title=title, xaxis_title="repeat length (tokens)", yaxis_title=ylabel)
+    pfig.update_layout(title=title, xaxis_title="repeat length (tokens)", yaxis_title=ylabel,
+                       xaxis=dict(categoryorder="array", categoryarray=order))
     html = stem.with_suffix(".html")
     pfig.write_html(html, include_plotlyjs="directory")
     return paths + [html]

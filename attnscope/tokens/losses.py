@@ -329,6 +329,8 @@ def compare(
     tok_a,
     tok_b=None,
     documents: Iterable[str] | Mapping[str, str] | Sequence[tuple[str, str]] = (),
+    *,
+    ablate_b=None,
     **kwargs,
 ) -> pd.DataFrame:
     """Token-by-token losses of two models on the same documents.
@@ -336,14 +338,28 @@ def compare(
     Returns model A's token rows with ``loss_a``, ``loss_b`` and
     ``gap = loss_a - loss_b`` (positive: model B predicts the token better),
     ``context_len_a``/``context_len_b`` and ``n_tokens_b`` (B tokens summed into
-    the row: 1 when the tokenizers are the same). ``tok_b=None`` means B uses
-    ``tok_a``. Keyword arguments go to :func:`token_losses` for both models.
+    the row: 1 when the tokenizers are the same). ``model_b=None`` means model A,
+    ``tok_b=None`` means B uses ``tok_a``. ``ablate_b`` (a spec such as
+    ``"window:64"`` or an :class:`attnscope.AttentionEdit`) makes model B run
+    with that attention edit; when B is A itself no weights are copied: A's
+    losses are computed first, then the edit is set on the same model for B's
+    pass and removed afterwards. Keyword arguments go to :func:`token_losses`
+    for both models.
     """
+    from attnscope.tokens.ablate import ablated
+
     docs = normalize_documents(documents)
+    if model_b is None:
+        model_b = model_a
     la = token_losses(model_a, tok_a, docs, **kwargs)
     tb = tok_a if tok_b is None else tok_b
-    # the same model with the same tokenizer scores the same: skip the second pass
-    lb = la if (model_b is model_a and tb is tok_a) else token_losses(model_b, tb, docs, **kwargs)
+    if ablate_b is not None:
+        with ablated(model_b, ablate_b):
+            lb = token_losses(model_b, tb, docs, **kwargs)
+    elif model_b is model_a and tb is tok_a:
+        lb = la  # the same model with the same tokenizer scores the same: skip the second pass
+    else:
+        lb = token_losses(model_b, tb, docs, **kwargs)
     if _same_tokenizer(tok_a, tok_b):
         m = la.merge(
             lb[["doc_id", "token_index", "token_id", "loss", "context_len"]],

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attnscope.errors import AttnscopeError
+from attnscope.tokens.ablate import parse_ablation
 from attnscope.tokens.analysis import MIN_REPEAT, category_means, filtered_losses, gap_by_repeat, indicators, regress
 from attnscope.tokens.categories import annotate
 from attnscope.tokens.figures import plot_category_gaps, plot_gap_vs_repeat
@@ -42,8 +44,17 @@ def _json_default(o):
     return str(o)
 
 
+def _unwrap(model, tok):
+    """A LoadedModel (attnscope.load) stands for its HF model and tokenizer."""
+    if model is not None and hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "revision"):
+        return model.model, (tok if tok is not None else model.tokenizer)
+    return model, tok
+
+
 def run_study(
     model_a, model_b, tok_a, tok_b, documents, out, *,
+    ablate_b=None,
+    far: int | None = None,
     kinds: dict[str, str] | None = None,
     label_a: str = "A", label_b: str = "B",
     window: int = 2048, min_context: int = 512, batch_size: int = 4,
@@ -52,50 +63,73 @@ def run_study(
 ) -> dict[str, Path]:
     """Compare two models token by token on ``documents`` and write everything to ``out``.
 
+    ``model_a``/``model_b``: HF causal LMs (or ``attnscope.load`` results, whose
+    tokenizer is used when ``tok_a``/``tok_b`` is None); ``model_b=None`` means
+    model A. ``ablate_b``: an attention edit for model B (``"window:64"``,
+    ``"window:64,sinks:4"``, ``"nosink:4"`` or an :class:`attnscope.AttentionEdit`);
+    with model B = model A it is set on the same model after A's pass (no weight
+    copy) and removed afterwards. ``far``: split repeated tokens at this
+    repeat distance into ``repeated_near``/``repeated_far`` (default: the
+    ablation's window, if it has one).
+
     Files: tokens.(parquet|csv.gz) (per-token table), category_means.csv,
     category_means_by_kind.csv (when documents have more than one kind),
     filtered_losses.csv, gap_by_repeat.csv, regression.md, regression.json,
     figures gap_by_category.{png,pdf,html} and gap_vs_repeat.{png,pdf,html}.
     """
+    model_a, tok_a = _unwrap(model_a, tok_a)
+    model_b, tok_b = _unwrap(model_b, tok_b)
+    if tok_a is None:
+        raise AttnscopeError("run_study needs model A's tokenizer: pass tok_a or an attnscope.load result")
+    if tok_b is tok_a:
+        tok_b = None
+    edit = parse_ablation(ablate_b) if ablate_b is not None else None
+    if far is None and edit is not None and edit.window is not None:
+        far = edit.window
+    if edit is not None and f"[{edit.describe()}]" not in label_b:
+        label_b = f"{label_b} [{edit.describe()}]"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs = normalize_documents(documents)
-    table = compare(model_a, model_b, tok_a, tok_b, docs, window=window, min_context=min_context,
+    table = compare(model_a, model_b, tok_a, tok_b, docs, ablate_b=edit, window=window, min_context=min_context,
                     batch_size=batch_size, progress=progress)
     table = annotate(table, docs, tok_a, tagger=tagger)
     if kinds:
         table["doc_kind"] = table["doc_id"].map(kinds).fillna("")
     paths: dict[str, Path] = {"tokens": write_table(table, out / "tokens")}
 
-    ind = indicators(table, min_repeat=min_repeat)
-    cats = [c for c in MAIN_CATEGORIES if c == "all" or (c in ind and ind[c].any())]
-    means = category_means(table, cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat)
+    ind = indicators(table, min_repeat=min_repeat, far=far)
+    main = MAIN_CATEGORIES + (("repeated_near", "repeated_far") if far is not None else ())
+    cats = [c for c in main if c == "all" or (c in ind and ind[c].any())]
+    means = category_means(table, cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat, far=far)
     means.to_csv(out / "category_means.csv", index=False)
     paths["category_means"] = out / "category_means.csv"
     if kinds and table["doc_kind"].nunique() > 1:
         # prose, code and markup differ in what their categories mean: also per kind
         per_kind = []
         for kind, sub in table.groupby("doc_kind"):
-            sub_ind = indicators(sub, min_repeat=min_repeat)
+            sub_ind = indicators(sub, min_repeat=min_repeat, far=far)
             k_cats = [c for c in cats if c == "all" or (c in sub_ind and sub_ind[c].any())]
-            m = category_means(sub, k_cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat)
+            m = category_means(sub, k_cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat, far=far)
             m.insert(0, "doc_kind", kind)
             per_kind.append(m)
         pd.concat(per_kind).to_csv(out / "category_means_by_kind.csv", index=False)
         paths["category_means_by_kind"] = out / "category_means_by_kind.csv"
-    filt = filtered_losses(table, n_boot=n_boot, seed=seed, min_repeat=min_repeat)
+    filt = filtered_losses(table, n_boot=n_boot, seed=seed, min_repeat=min_repeat, far=far)
     filt.to_csv(out / "filtered_losses.csv", index=False)
     paths["filtered_losses"] = out / "filtered_losses.csv"
-    rep = gap_by_repeat(table, n_boot=n_boot, seed=seed)
+    rep = gap_by_repeat(table, n_boot=n_boot, seed=seed, far=far)
     rep.to_csv(out / "gap_by_repeat.csv", index=False)
     paths["gap_by_repeat"] = out / "gap_by_repeat.csv"
 
     # regress on the categories that vary in this corpus
-    wanted = ("content", "function", "open_bracket", "close_bracket", "repeated")
+    wanted = ("content", "function", "open_bracket", "close_bracket")
+    wanted += ("repeated_near", "repeated_far") if far is not None else ("repeated",)
     reg_cats = [c for c in wanted if c in ind and ind[c].nunique() > 1]
-    reg = regress(table, reg_cats, min_repeat=min_repeat)
+    reg = regress(table, reg_cats, min_repeat=min_repeat, far=far)
     summary = {
         "model_a": label_a, "model_b": label_b, "gap": "loss_a - loss_b (nats; > 0: model B better)",
+        "ablate_b": edit.describe() if edit is not None else None, "far": far,
         "n_tokens": int(len(table)), "n_docs": int(table["doc_id"].nunique()),
         "window": window, "min_context": min_context, "min_repeat": min_repeat, "n_boot": n_boot, "seed": seed,
         "regression": reg.to_dict(),
@@ -109,6 +143,8 @@ def run_study(
         f"gap = loss_A − loss_B in nats (positive: B predicts the token better); "
         f"{len(table)} tokens in {table['doc_id'].nunique()} documents.",
         "",
+        *([f"repeated = repeat_len ≥ {min_repeat}; repeated_near / repeated_far: its most recent earlier "
+           f"occurrence ends ≤ {far} / > {far} tokens back (repeat_distance).", ""] if far is not None else []),
         "## Regression",
         "",
         reg.to_markdown(),
@@ -126,7 +162,7 @@ def run_study(
     paths["regression_json"] = out / "regression.json"
     for p in plot_category_gaps(means, out / "gap_by_category", label_a=label_a, label_b=label_b):
         paths[p.name] = p
-    for p in plot_gap_vs_repeat(rep, out / "gap_vs_repeat", label_a=label_a, label_b=label_b):
+    for p in plot_gap_vs_repeat(rep, out / "gap_vs_repeat", label_a=label_a, label_b=label_b, far=far):
         paths[p.name] = p
     return paths
 
