@@ -96,8 +96,8 @@ def store_label(source) -> str:
 
 
 def summary_table(source) -> pd.DataFrame:
-    """One row per finished task x layer with head means (`Store.summary()`), revision '' -> None
-    normalised to the string '' so that group-bys keep tasks without a revision."""
+    """One row per finished task x layer with head means (`Store.summary()`); a missing revision
+    becomes '' so that group-bys keep the tasks that have none."""
     if isinstance(source, pd.DataFrame):
         df = source.copy()
     else:
@@ -105,7 +105,7 @@ def summary_table(source) -> pd.DataFrame:
         df = _cached(store, "summary", store.summary)
         df.attrs["store"] = store_label(getattr(store, "path", source))
     if df.empty:
-        raise StoreError(f"{store_label(source)} has no finished task to report on; run `attnscope batch` first")
+        raise StoreError(f"{store_label(source)} has no finished task to report on; run `attnscope extract` first")
     missing = [c for c in (*KEYS, "layer") if c not in df.columns]
     if missing:
         raise StoreError(f"summary table lacks columns {missing}; it is not a Store.summary() table")
@@ -128,7 +128,7 @@ def layer_profiles(source) -> pd.DataFrame:
 
 def metrics_table(source) -> pd.DataFrame:
     """Per model x revision x probe: each metric's mean over layers, heads and the probe's grid
-    points, `needle_share` (= span_mass_needle) when a needle span exists, and `n_tasks`."""
+    points; `needle_share` (run_probe's, else span_mass_needle) for needle probes; `n_tasks`."""
     df = summary_table(source)
     cols = _metric_columns(df)
     g = df.groupby(list(KEYS), sort=True, dropna=False)
