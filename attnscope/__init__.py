@@ -21,6 +21,7 @@ from attnscope.store.store import open_store  # noqa: E402
 from attnscope.batch.extract import extract  # noqa: E402
 from attnscope.probing.needle import run_probe  # noqa: E402
 from attnscope.store.hdf5 import read_result, save_result  # noqa: E402
+from attnscope.report import accessor as _accessor  # noqa: E402,F401  (registers ds.attnscope)
 
 __all__ = ["load", "LoadedModel", "analyze", "QuerySelection", "AttentionEdit", "set_edit",
            "capture", "doctor", "DoctorReport", "extract", "open_store", "run_probe",

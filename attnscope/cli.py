@@ -468,6 +468,89 @@ def tokens(
         Console().print(f"  {name}: {p}")
 
 
+def _command_line(name: str, **options) -> str:
+    """The command that rebuilds an output, from the options in effect (for figure metadata and
+    report headers); options at None/False are left out, True ones become bare flags."""
+    import shlex
+
+    parts = ["attnscope", name]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+@app.command("report")
+def report_cmd(
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="batch store (.h5) to report on"),
+    out: Path = typer.Option(Path("attnscope-report"), "--out", help="output folder"),
+    score: str = typer.Option("helmet_32k", help="score to explain: helmet_8k..64k, ruler_4k..64k, longppl"),
+    registry_only: bool = typer.Option(False, "--registry-only", help="architecture-only analyses from the "
+                                       "OlmPool registry; no store needed"),
+    revision: str = typer.Option("final", help="revision per model to correlate: 'final' (longcontext-step2385, "
+                                 "else the latest) or a revision name"),
+    probe: Optional[str] = typer.Option(None, help="use only this probe's tasks (default: mean over probes)"),
+    as_json: bool = typer.Option(False, "--json", help="print the statistics as JSON on stdout"),
+    no_html: bool = typer.Option(False, "--no-html", help="skip the HTML page"),
+    n_resamples: int = typer.Option(9999, help="bootstrap resamples for correlation CIs"),
+    seed: int = typer.Option(0, help="bootstrap seed"),
+):
+    """Statistics (OLS, LOO R², correlations with bootstrap CIs) as markdown, CSV, JSON and one HTML page."""
+    from attnscope.report.html import write_report
+
+    if store is None and not registry_only:
+        _fail(AttnscopeError("give --store PATH, or --registry-only for the architecture-only analyses"))
+    try:
+        command = _command_line("report", store=None if registry_only else store, out=out, score=score,
+                                registry_only=registry_only, revision=None if revision == "final" else revision,
+                                probe=probe, n_resamples=None if n_resamples == 9999 else n_resamples,
+                                seed=seed or None)
+        paths = write_report(None if registry_only else store, out, score=score, revision=revision, probe=probe,
+                             command=command, n_resamples=n_resamples, seed=seed, html_page=not no_html)
+    except AttnscopeError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(paths["json"].read_text(encoding="utf-8"))
+    else:
+        Console().print(paths["markdown"].read_text(encoding="utf-8").split("## Models")[0])
+        for name, p in paths.items():
+            console.print(f"  {name}: {p}")
+
+
+@app.command("figures")
+def figures_cmd(
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="batch store (.h5)"),
+    out: Path = typer.Option(Path("attnscope-figures"), "--out", help="output folder"),
+    score: str = typer.Option("helmet_32k", help="score on the y axis of the score figures"),
+    registry_only: bool = typer.Option(False, "--registry-only", help="only the figures the registry alone allows"),
+    only: Optional[str] = typer.Option(None, help="comma-separated figure names (default: all)"),
+):
+    """Every paper figure as PDF + PNG with a JSON sidecar (store and command in the metadata)."""
+    from attnscope.report.figures import FIGURES, make_all
+
+    if store is None and not registry_only:
+        _fail(AttnscopeError("give --store PATH, or --registry-only for the registry-only figures"))
+    names = [n.strip() for n in only.split(",")] if only else None
+    try:
+        if names:
+            unknown = [n for n in names if n not in FIGURES]
+            if unknown:
+                raise AttnscopeError(f"unknown figure(s) {unknown}; figures: {', '.join(FIGURES)}")
+        results = make_all(None if registry_only else store, out, score=score,
+                           command=_command_line("figures", store=None if registry_only else store, out=out,
+                                                     score=score, registry_only=registry_only, only=only),
+                           names=names)
+    except AttnscopeError as e:
+        _fail(e)
+    for name, r in results.items():
+        if isinstance(r, str):
+            console.print(f"  [yellow]{name}[/]: {r}")
+        else:
+            console.print(f"  [green]{name}[/]: " + ", ".join(p.name for p in r if p.suffix == ".png"))
+
+
 @app.command("extract")
 def extract_cmd(
     models: list[str] = typer.Option(..., "--models", "-m",

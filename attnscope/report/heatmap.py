@@ -7,29 +7,39 @@ from pathlib import Path
 import xarray as xr
 
 
-def metric_heatmap(ds: xr.Dataset, metric: str, path: str | Path, *, title: str | None = None,
-                   source: str = "") -> Path:
-    """Write a layer x head heatmap of `ds[metric]` to `path` (PNG or PDF by suffix)."""
-    import matplotlib
+def heatmap_figure(da: xr.DataArray, metric: str | None = None, *, title: str | None = None,
+                   source: str = ""):
+    """A matplotlib Figure: layer (rows) x query head (columns) of a 2-D DataArray."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = ds[metric].transpose("layer", "head").values
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * values.shape[1], 1.0 + 0.22 * values.shape[0]))
+    metric = metric or str(da.name or "value")
+    values = da.transpose("layer", "head").values
+    fig = Figure(figsize=(1.6 + 0.3 * max(values.shape[1], 4), 1.2 + 0.11 * max(values.shape[0], 8)))
+    ax = fig.subplots()
     im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0,
-                   vmax=1 if metric.endswith("_mass") else None, interpolation="nearest")
+                   vmax=1 if metric.endswith("_mass") or metric == "needle_share" else None,
+                   interpolation="nearest")
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_yticks(range(values.shape[0]), [str(v) for v in ds.layer.values], fontsize=6)
-    ax.set_xticks(range(values.shape[1]), [str(v) for v in ds["head"].values], fontsize=7)
-    ax.set_title(title or f"{metric} — {ds.attrs.get('model', '')}", fontsize=9)
+    step = max(1, values.shape[0] // 16)
+    ax.set_yticks(range(0, values.shape[0], step), [str(v) for v in da.layer.values[::step]], fontsize=6)
+    hstep = max(1, values.shape[1] // 16)
+    ax.set_xticks(range(0, values.shape[1], hstep), [str(v) for v in da["head"].values[::hstep]], fontsize=6)
+    ax.set_title(title or f"{metric} — {da.attrs.get('model', '')}")
     fig.colorbar(im, ax=ax, label=metric)
     if source:
         fig.text(0.01, 0.003, source, fontsize=5, color="gray")
     fig.tight_layout()
+    return fig
+
+
+def metric_heatmap(ds: xr.Dataset, metric: str, path: str | Path, *, title: str | None = None,
+                   source: str = "") -> Path:
+    """Write a layer x head heatmap of `ds[metric]` to `path` (PNG or PDF by suffix)."""
+    da = ds[metric].assign_attrs(model=ds.attrs.get("model", ""))
+    fig = heatmap_figure(da, metric, title=title, source=source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, metadata={"Description": source} if path.suffix == ".png" else None)
-    plt.close(fig)
+    meta = {"Description": source} if path.suffix == ".png" else {"Subject": source}
+    fig.savefig(path, dpi=150, metadata=meta)
     return path

@@ -1,0 +1,16 @@
+"""Figure: layer x head sink-mass heatmap per model.
+
+Rebuild: python figures/fig_head_heatmaps.py --store STORE.h5 --out DIR
+Drawing: attnscope.report.figures (FIGURES["head_heatmaps"]); all figures at once: attnscope figures --store S --out DIR
+"""
+
+import sys
+from pathlib import Path
+
+# use the attnscope of the checkout this script belongs to
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnscope.report.figures import script_main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(script_main("head_heatmaps"))
