@@ -65,7 +65,7 @@ def analyze(
     sink_tokens: int = typer.Option(4, help="Tokens counted as the sink (sink_mass)"),
     span: Optional[str] = typer.Option(None, help="START:END token span for span_mass (END exclusive)"),
     queries: str = typer.Option("all", help="all | last:N | strided:N | i,j,k"),
-    metrics: str = typer.Option("sink_mass,token0_mass,entropy,mean_distance,position_profile,distance_profile",
+    metrics: str = typer.Option("sink_mass,token0_mass,entropy,mean_distance,position_profile",
                                 help="Comma-separated metrics"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu"),

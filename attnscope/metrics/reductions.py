@@ -22,9 +22,9 @@ from attnscope.capture.interface import LayerAttention
 KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass")
 ROW_METRICS = ("entropy", "mean_distance", "position_profile", "distance_profile")
 ALL_METRICS = KEYSET_METRICS + ROW_METRICS + ("pattern",)
-DEFAULT_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile",
-                   "distance_profile")
-_CHUNK_ELEMENTS = 1 << 23  # floats in one [H, chunk, K] score block
+# distance_profile is opt-in: it needs a per-element scatter that costs more than the others
+DEFAULT_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile")
+_CHUNK_ELEMENTS = 1 << 20  # floats in one [H, chunk, K] block: small enough to stay in cache, and to skip most of the masked upper triangle
 
 
 def distance_bin_edges(max_length: int) -> np.ndarray:
@@ -112,9 +112,8 @@ class StatsRecorder:
         return {k: v for k, v in out.items() if k in self.metrics}
 
     def _rows(self, attn, b, start, q_rows, plan) -> dict[str, np.ndarray]:
-        # Cost is dominated by elementwise passes over [H, chunk, K]; each pass below is needed:
-        # scores (matmul), + mask bias, - lse, exp. Every reduction after that is a matmul or
-        # a vector dot, so adding metrics is nearly free.
+        # Cost is dominated by passes over [H, chunk, K]: scores (matmul), - lse, exp, and one
+        # read each for entropy (a dot) and the column sums behind distance and position.
         H = attn.n_heads
         dev = attn.query.device
         want = set(self.metrics)
@@ -127,34 +126,54 @@ class StatsRecorder:
         if attn.edit is not None and attn.edit.window is not None and not attn.edit.keep_sinks:
             local = attn.edit.window if local is None else min(local, attn.edit.window)
         span = plan.length if local is None else min(local, plan.length)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, H * span))
+        chunk = max(32, _CHUNK_ELEMENTS // max(1, H * span))
+        # Plain causal rows (no padding mask, window or edit) can only hide keys after the
+        # chunk's first query: the mask bias then touches just those last columns.
+        causal_only = attn.mask is None and attn.window is None and attn.edit is None
+        # Fold "- lse" into the score matmul ([q*scale, -lse] . [k, 1]): one pass fewer.
+        fold = attn.softcap is None
+        buf = torch.empty(H * chunk * (span + chunk), device=dev)  # reused for p across chunks
+        if fold:
+            keys = attn.key[b].float()
+            k_aug = torch.cat([keys, torch.ones(keys.shape[:-1] + (1,), device=dev)], dim=-1)
         for c0 in range(0, len(q_rows), chunk):
             rows = q_rows[c0:c0 + chunk]
             qa = q_abs_all[c0:c0 + chunk]
             k_hi = int(qa.max()) + 1
             k_lo = start if local is None else max(start, int(qa.min()) - local + 1)
-            logp = attn.scores(b, rows, slice(k_lo, k_hi))  # [H, c, K]
-            vis = attn.visible(rows, k_lo, k_hi)[b]  # [c, K]
-            # a finite -1e30 instead of -inf: p = 0 there and p * log p stays 0, not NaN
-            logp.add_(torch.zeros(vis.shape, device=dev).masked_fill_(~vis, -1e30))
-            logp.sub_(attn.lse[b][:, rows, None] if attn.lse is not None
-                      else torch.logsumexp(logp, dim=-1, keepdim=True))
-            p = torch.exp(logp)
-            j = torch.arange(k_lo, k_hi, device=dev)
+            if fold:
+                q = attn.query[b, :, rows].float() * attn.scale
+                q_aug = torch.cat([q, -attn.lse[b][:, rows, None]], dim=-1)  # [H, c, d+1]
+                logp = torch.matmul(q_aug.view(attn.n_kv_heads, attn.n_rep * len(rows), -1),
+                                    k_aug[:, k_lo:k_hi].transpose(-1, -2)).view(H, len(rows), -1)
+            else:
+                logp = attn.scores(b, rows, slice(k_lo, k_hi))  # [H, c, K]
+                logp.sub_(attn.lse[b][:, rows, None])  # needs_lse: the kernel always returns it
+            m_lo = int(qa.min()) + 1 if causal_only else k_lo
+            if m_lo < k_hi:
+                vis = attn.visible(rows, m_lo, k_hi)[b]  # [c, K']
+                # a finite -1e30 instead of -inf: p = 0 there and p * log p stays 0, not NaN
+                logp[..., m_lo - k_lo:].add_(torch.zeros(vis.shape, device=dev).masked_fill_(~vis, -1e30))
+            p = torch.exp(logp, out=buf[:logp.numel()].view(logp.shape))
             if "entropy" in want:
                 sums["entropy"] -= torch.linalg.vecdot(p, logp).sum(-1).double()
-            if "mean_distance" in want:  # sum_j p_j (i - j) = i - sum_j p_j j
-                sums["mean_distance"] += (qa.float()[None] - torch.matmul(p, j.float())).sum(-1).double()
-            if "position_profile" in want:
-                bin_idx = (((j - start) * self.bins) // plan.length).clamp(0, self.bins - 1)
-                onehot = torch.nn.functional.one_hot(bin_idx, self.bins).to(p.dtype)
-                sums["position_profile"] += torch.matmul(p, onehot).sum(1).double()
+            del logp
+            if "mean_distance" in want or "position_profile" in want:
+                # both are linear in the key's position: reduce over queries first
+                received = p.sum(1).double()  # [H, K]: mass each key receives from the chunk
+                j = torch.arange(k_lo, k_hi, device=dev)
+                if "mean_distance" in want:  # sum_i sum_j p_ij (i - j) = sum_i i - sum_j j recv_j
+                    sums["mean_distance"] += qa.double().sum() - received @ j.double()
+                if "position_profile" in want:
+                    bin_idx = (((j - start) * self.bins) // plan.length).clamp(0, self.bins - 1)
+                    sums["position_profile"].index_add_(1, bin_idx, received)
             if "distance_profile" in want:
+                j = torch.arange(k_lo, k_hi, device=dev)
                 idx = _distance_bins(qa[:, None] - j[None, :]).clamp(max=n_dist - 1)
                 acc = torch.zeros(H, len(rows), n_dist, dtype=p.dtype, device=dev)
                 acc.scatter_add_(2, idx[None].expand(H, -1, -1), p)
                 sums["distance_profile"] += acc.sum(1).double()
-            del logp, p
+            del p
         n = len(q_rows)
         return {k: (v / n).cpu().numpy() for k, v in sums.items()}
 
