@@ -41,6 +41,9 @@ class PatternAttention(LayerAttention):
         p = self.probs[b][:, q_rows][:, :, keys].float()
         return torch.log(p.clamp_min(_TINY))
 
+    def log_probs(self, b, q_rows, keys):
+        return self.scores(b, q_rows, keys)  # lse is 0: the scores already are log P
+
 
 def boot_bridge(hf_model, tokenizer, name: str):
     """A TransformerBridge over a *copy* of `hf_model`.

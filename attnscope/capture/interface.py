@@ -110,6 +110,25 @@ class LayerAttention:
             s = torch.tanh(s / self.softcap) * self.softcap
         return s
 
+    def log_probs(self, b: int, q_rows: torch.Tensor, keys: slice) -> torch.Tensor:
+        """Float32 [H, Q, K] score - lse (log P before masking), needs `lse`.
+
+        Without soft-capping, "- lse" is folded into the score matmul as [q*scale, -lse].[k, 1]:
+        one pass over the [H, Q, K] block fewer than scores() followed by a subtraction.
+        """
+        if self.softcap:
+            return self.scores(b, q_rows, keys).sub_(self.lse[b][:, q_rows, None])
+        cache = self.__dict__.setdefault("_k_aug", {})
+        if b not in cache:
+            k = self.key[b].float()
+            cache[b] = torch.cat([k, torch.ones(k.shape[:-1] + (1,), device=k.device)], dim=-1)
+        q = torch.cat([self.query[b, :, q_rows].float() * self.scale,
+                       -self.lse[b][:, q_rows, None]], dim=-1)  # [H, Q, d+1]
+        H, Q, _ = q.shape
+        out = torch.matmul(q.view(self.n_kv_heads, self.n_rep * Q, -1),
+                           cache[b][:, keys].transpose(-1, -2))
+        return out.view(H, Q, -1)
+
 
 class Observer(Protocol):
     """Receives a LayerAttention for each wanted layer during a forward pass."""

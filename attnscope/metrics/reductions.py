@@ -130,25 +130,13 @@ class StatsRecorder:
         # Plain causal rows (no padding mask, window or edit) can only hide keys after the
         # chunk's first query: the mask bias then touches just those last columns.
         causal_only = attn.mask is None and attn.window is None and attn.edit is None
-        # Fold "- lse" into the score matmul ([q*scale, -lse] . [k, 1]): one pass fewer.
-        fold = attn.softcap is None
         buf = torch.empty(H * chunk * (span + chunk), device=dev)  # reused for p across chunks
-        if fold:
-            keys = attn.key[b].float()
-            k_aug = torch.cat([keys, torch.ones(keys.shape[:-1] + (1,), device=dev)], dim=-1)
         for c0 in range(0, len(q_rows), chunk):
             rows = q_rows[c0:c0 + chunk]
             qa = q_abs_all[c0:c0 + chunk]
             k_hi = int(qa.max()) + 1
             k_lo = start if local is None else max(start, int(qa.min()) - local + 1)
-            if fold:
-                q = attn.query[b, :, rows].float() * attn.scale
-                q_aug = torch.cat([q, -attn.lse[b][:, rows, None]], dim=-1)  # [H, c, d+1]
-                logp = torch.matmul(q_aug.view(attn.n_kv_heads, attn.n_rep * len(rows), -1),
-                                    k_aug[:, k_lo:k_hi].transpose(-1, -2)).view(H, len(rows), -1)
-            else:
-                logp = attn.scores(b, rows, slice(k_lo, k_hi))  # [H, c, K]
-                logp.sub_(attn.lse[b][:, rows, None])  # needs_lse: the kernel always returns it
+            logp = attn.log_probs(b, rows, slice(k_lo, k_hi))  # [H, c, K], before masking
             m_lo = int(qa.min()) + 1 if causal_only else k_lo
             if m_lo < k_hi:
                 vis = attn.visible(rows, m_lo, k_hi)[b]  # [c, K']
