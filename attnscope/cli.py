@@ -155,7 +155,7 @@ def demo(
         result = save_result(ds, out / "smollm2_prose.h5")
         command = f"attnscope demo --out {out} --tokens {tokens}"
         png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
-                             title=f"SmolLM2-135M-Instruct\nattention on the first 4 tokens "
+                             title=f"SmolLM2-135M-Instruct\nmass on the first 4 tokens\n"
                                    f"({len(ids)} tokens of prose)",
                              source=f"store: {result}; made by: {command}")
     except AttnscopeError as exc:
