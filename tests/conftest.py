@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,15 @@ def _quiet():
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: more torch threads only spin on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

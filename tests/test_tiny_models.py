@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attnscope import testing as T
 from attnscope.models import olmpool
@@ -13,13 +13,7 @@ from attnscope.models.introspect import attention_layout, declared_rope_theta, e
 T_LEN = 24  # test inputs are longer than the tiny window (8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: more threads only spin on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -319,7 +319,7 @@ def _layer_index(module) -> int:
         idx = getattr(module, "_attnscope_layer", None)
     if idx is None:
         raise RuntimeError(
-            f"{type(module).__name__} has no layer_idx; call attnscope.capture.index_layers(model)")
+            f"{type(module).__name__} has no layer_idx; call attnscope.capture.interface.index_layers(model)")
     return int(idx)
 
 
@@ -385,6 +385,7 @@ def windows_disabled(model) -> Iterator[None]:
 def using_attnscope(model) -> Iterator[None]:
     """Route the model's attention through attnscope for the duration; restore afterwards."""
     register()
+    index_layers(model)  # remote-code attention modules may lack layer_idx
     config = model.config
     previous = getattr(config, "_attn_implementation", None)
     if previous != ATTN_IMPLEMENTATION:

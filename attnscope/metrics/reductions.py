@@ -93,20 +93,17 @@ class StatsRecorder:
             per_row.append(out)
         self.results[attn.layer] = per_row
 
-    def _keyset_mass(self, attn, b, q_rows, k_lo, k_hi) -> torch.Tensor:
-        return keyset_probs(attn, b, q_rows, k_lo, k_hi)
-
     def _keyset(self, attn, b, start, q_rows, plan) -> dict[str, np.ndarray]:
         out = {}
         if "sink_mass" in self.metrics or "token0_mass" in self.metrics:
             k = min(self.sink_tokens, plan.length)
-            p = self._keyset_mass(attn, b, q_rows, start, start + k)
+            p = keyset_probs(attn, b, q_rows, start, start + k)
             out["sink_mass"] = p.sum(-1).mean(-1).cpu().numpy()
             out["token0_mass"] = p[..., 0].mean(-1).cpu().numpy()
         if "span_mass" in self.metrics:
             masses = []
             for s0, s1 in plan.spans.values():
-                p = self._keyset_mass(attn, b, q_rows, start + s0, start + s1)
+                p = keyset_probs(attn, b, q_rows, start + s0, start + s1)
                 masses.append(p.sum(-1).mean(-1).cpu().numpy())
             out["span_mass"] = np.stack(masses) if masses else np.zeros((0, attn.n_heads))
         return {k: v for k, v in out.items() if k in self.metrics}
