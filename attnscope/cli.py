@@ -338,6 +338,9 @@ def probe_cmd(
     depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
     no_decode: bool = typer.Option(False, "--no-decode", help="skip greedy decoding (no retrieval scores, no correctness)"),
+    answer_mode: str = typer.Option("greedy", help="'answer' query set: greedy (the model's own continuation) or teacher_forced"),
+    retrieval_count: str = typer.Option("steps", help="retrieval score: steps (Wu et al.'s code) or positions (distinct copied positions)"),
+    retrieval_span: str = typer.Option("needle_value", help="retrieval score's span: needle_value or needle (the whole sentence)"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
@@ -347,12 +350,20 @@ def probe_cmd(
     from attnscope.probing.needle import run_probe
     from attnscope.store.hdf5 import save_result
 
+    from attnscope.probing.needle import ANSWER_MODES, RETRIEVAL_COUNTS, RETRIEVAL_SPANS
+
     _quiet_transformers()
+    for name, value, allowed in (("--answer-mode", answer_mode, ANSWER_MODES),
+                                 ("--retrieval-count", retrieval_count, RETRIEVAL_COUNTS),
+                                 ("--retrieval-span", retrieval_span, RETRIEVAL_SPANS)):
+        if value not in allowed:  # before the model loads
+            _fail(AttnscopeError(f"{name} {value!r} is not one of {', '.join(allowed)}"))
     try:
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         ds = run_probe(lm, str(spec), lengths=_ints(lengths), depths=_floats(depths),
-                       seeds=_ints(seeds), decode=not no_decode)
+                       seeds=_ints(seeds), decode=not no_decode, answer_mode=answer_mode,
+                       retrieval_count=retrieval_count, retrieval_span=retrieval_span)
         save_result(ds, out)
     except AttnscopeError as exc:
         _fail(exc)

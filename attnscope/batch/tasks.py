@@ -42,11 +42,14 @@ def task_params(spec) -> list[dict[str, Any]]:
 
 
 NATURAL_TEXT_METHOD = "analyze-window/1"  # bump when _natural_text measures differently
+# bump when run_probe measures differently. /2: one forward per prompt, the `answer` query set on
+# the greedy path, retrieval scores counted per step on the value span (docs/probes.md)
+NIAH_METHOD = "run_probe/2"
 
 
 def method_of(spec) -> str:
     """Which code measures this probe kind (part of the task key)."""
-    return NATURAL_TEXT_METHOD if spec.task == "natural_text" else "run_probe"
+    return NATURAL_TEXT_METHOD if spec.task == "natural_text" else NIAH_METHOD
 
 
 # ------------------------------------------------------------------------------- measuring
