@@ -5,16 +5,17 @@ per call, after loading the model and a 64-token warm-up forward. A counting obs
 for the whole call, counts the forwards at the first attention layer: those with more than one
 query row are passes over the prompt (prefills or teacher-forced passes), the others are
 decoding steps. The numbers that run_probe returns are saved too, so two runs of different code
-can be compared value by value (`--compare`).
+can be compared value by value (`--report`).
 
     # today's code vs an older commit (its tree unpacked elsewhere, put first on PYTHONPATH),
     # alternating, so that both see the same load on a shared machine:
     git archive f0248b7 | tar -x -C /tmp/attnscope-before
+    rm -f benchmarks/probe_prefill_before.json benchmarks/probe_prefill_after.json
     for round in 1 2 3; do
-      PYTHONPATH=/tmp/attnscope-before python benchmarks/probe_prefill.py --label before --out /tmp/probe_before.json
-      python benchmarks/probe_prefill.py --label after --out /tmp/probe_after.json
+      PYTHONPATH=/tmp/attnscope-before python benchmarks/probe_prefill.py --label before --out benchmarks/probe_prefill_before.json
+      python benchmarks/probe_prefill.py --label after --out benchmarks/probe_prefill_after.json
     done
-    python benchmarks/probe_prefill.py --report /tmp/probe_before.json /tmp/probe_after.json
+    python benchmarks/probe_prefill.py --report benchmarks/probe_prefill_before.json benchmarks/probe_prefill_after.json
 
 Each invocation measures every prompt once (`--repeats`) and appends its times to `--out`. The
 script works with both versions: it passes `retrieval_count="positions"` and
@@ -173,8 +174,12 @@ def compare(before: dict, after: dict) -> None:
               f"{r['median_cpu_s'] / b['median_cpu_s']:.2f} | {max(diffs):.1e} | "
               f"{'equal' if bv['retrieval_score'] == av['retrieval_score'] else 'differ'} | "
               f"{'same' if bv['generated'] == av['generated'] else 'differs'} |")
+    spread = {kind: max(max(r[kind]) / min(r[kind]) for d in (before, after) for r in d["rows"])
+              for kind in ("times_s", "cpu_s")}
+    print(f"\nLargest max/min ratio over the runs of one prompt: wall time {spread['times_s']:.1f}x, "
+          f"CPU time {spread['cpu_s']:.2f}x.")
     runs = len(after["rows"][0]["times_s"]) if after["rows"] else 0
-    print(f"\n{runs} runs per prompt and version; threads {after['meta']['threads']}; "
+    print(f"{runs} runs per prompt and version; threads {after['meta']['threads']}; "
           f"load average at the last runs {before['meta']['load_average'][0]:.1f} / "
           f"{after['meta']['load_average'][0]:.1f} on {after['meta']['cpus']} CPUs; "
           f"{before['meta']['runs'][0]} to {after['meta']['runs'][-1]}.")

@@ -84,6 +84,7 @@ def numbers(result: dict) -> dict:
                 head=f"L{c_layer}.H{c_head}", ratio=c_share / c_uniform),
                 value_tokens=value, sentence_tokens=sentence, threshold=RETRIEVAL_THRESHOLD,
                 variants=variants, passes=int(grid.attrs["prompt_passes"]),
+                n_heads=int(grid.sizes["layer"] * grid.sizes["head"]),
                 default=(grid.attrs["retrieval_count"], grid.attrs["retrieval_span"]))
 
 
@@ -114,7 +115,7 @@ def render(n: dict) -> str:
               f"(one copy: 1/{n['sentence_tokens']} = {1 / n['sentence_tokens']:.3f}; all "
               f"{n['value_tokens']} digits: {n['value_tokens'] / n['sentence_tokens']:.3f}).", "",
               f"Retrieval heads: mean score over the {n['n_correct']} correct trials, heads above "
-              f"{n['threshold']:g} (of 270), and the five strongest; the default is "
+              f"{n['threshold']:g} (of {n['n_heads']}), and the five strongest; the default is "
               f"`retrieval_count=\"{n['default'][0]}\"`, `retrieval_span=\"{n['default'][1]}\"`.", "",
               "| count | span | heads > threshold | per trial | strongest (mean score) |",
               "| --- | --- | ---: | --- | --- |"]
