@@ -83,7 +83,7 @@ def test_smollm2_retrieves_the_needle_with_needle_heads(grid):
     assert len(heads) == int((scores > grid.attrs["retrieval_threshold"]).sum()) >= 1
     assert list(heads.score) == sorted(heads.score, reverse=True)
     top = heads.iloc[0]
-    assert float(scores.sel(layer=top.layer, head=top.head)) == pytest.approx(top.score)
+    assert float(scores.sel(layer=top["layer"], head=top["head"])) == pytest.approx(top["score"])
     # per prompt: how many heads pass, from that prompt's scores
     assert (grid.retrieval_heads == (grid.retrieval_score > 0.1).sum(["layer", "head"])).all()
 
@@ -202,12 +202,17 @@ def test_retrieval_scores_equal_eager_decoding_loop(greedy512, eager512, p512, c
     np.testing.assert_allclose(m.retrieval_score(count, span), want, rtol=0, atol=1e-12)
 
 
-def test_unchanged_definitions_equal_the_previous_computation(greedy512, p512, smollm2):
+@pytest.fixture(scope="module")
+def tf512(smollm2, p512):
+    return needle_share(smollm2, p512)  # prompt + answer in one forward, use_cache=False
+
+
+def test_unchanged_definitions_equal_the_previous_computation(greedy512, tf512, p512, smollm2):
     """Question and final shares and sink mass, now from the decoding prefill, equal what
     run_probe computed before (a teacher-forced forward over prompt + answer without a cache, and
     analyze() at the final position) to 1e-6."""
     m, _ = greedy512
-    tf = needle_share(smollm2, p512)  # prompt + answer in one forward, use_cache=False
+    tf = tf512
     for qs in ("question", "final"):
         got = m.share[m.query_sets.index(qs)]
         assert np.abs(got - tf.needle_share.sel(query_set=qs).values).max() <= 1e-6, qs
@@ -217,8 +222,8 @@ def test_unchanged_definitions_equal_the_previous_computation(greedy512, p512, s
     assert np.abs(m.sink_mass - sinks.sink_mass.values).max() <= 1e-6
 
 
-def test_teacher_forced_needle_share_equals_eager(smollm2, p512):
-    ds = needle_share(smollm2, p512)
+def test_teacher_forced_needle_share_equals_eager(smollm2, p512, tf512):
+    ds = tf512
     answer = smollm2.tokenizer(" " + p512.answer[0], add_special_tokens=False)["input_ids"]
     maps = eager_maps(smollm2.model, torch.tensor([list(p512.token_ids) + answer]))
     q0, q1 = p512.spans["question"]
