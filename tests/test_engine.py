@@ -341,3 +341,28 @@ def test_cuda_compiled_engine_matches_reference_kernel(tiny):
             np.testing.assert_allclose(fast[name].values, ref[name].values, rtol=2e-2, atol=2e-2)
     finally:
         lm.model.to("cpu", torch.float32)
+
+
+def test_padded_rows_get_their_own_rope_positions(tiny, single_thread):
+    """A left-padded row is rotated as when it runs alone: its layer-0 queries (which depend only
+    on its tokens and positions) equal the lone run's."""
+    from reference import QKRecorder
+
+    lm = tiny("llama")
+    a, b = torch.randint(3, 128, (40,)).tolist(), torch.randint(3, 128, (27,)).tolist()
+    plans = [RowPlan(40, np.arange(4, 40)), RowPlan(27, np.arange(4, 27))]
+    batch_qk, alone_qk = QKRecorder(), QKRecorder()
+    from attnscope.backends import native_source
+
+    src = native_source(lm.model, None, "tiny", None)
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    ids[0], mask[0] = torch.tensor(a), 1
+    ids[1, 13:], mask[1, 13:] = torch.tensor(b), 1
+    with capture(lm.model, batch_qk):
+        src.run(StatsRecorder(("sink_mass",), plans), ids, mask)
+    with capture(lm.model, alone_qk):
+        src.run(StatsRecorder(("sink_mass",), plans[1:]), torch.tensor([b]), None)
+    q_batch = batch_qk.layers[0].query[1, :, 13:]
+    q_alone = alone_qk.layers[0].query[0]
+    torch.testing.assert_close(q_batch, q_alone, rtol=0, atol=1e-6)
