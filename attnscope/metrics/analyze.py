@@ -27,6 +27,7 @@ PATTERN_LIMIT_BYTES = 2 << 30
 DIMS = {
     "sink_mass": ("layer", "head"),
     "token0_mass": ("layer", "head"),
+    "token0_importance": ("layer", "head"),
     "span_mass": ("span", "layer", "head"),
     "entropy": ("layer", "head"),
     "mean_distance": ("layer", "head"),
@@ -189,7 +190,7 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
             raise AttnscopeError("full patterns are computed for one text at a time")
         arr = per_seq[0] if single else np.stack(per_seq)
         data_vars[m] = (dims if single else ("sequence",) + dims, arr.astype(np.float32))
-        if recorder.plans[0].groups is not None and m != "pattern":
+        if recorder.plans[0].groups is not None and m not in ("pattern", "token0_importance"):
             binned = [np.stack([recorder.results[L][b][m + "@groups"] for L in layer_ids])
                       for b in range(len(seqs))]
             if m == "span_mass":

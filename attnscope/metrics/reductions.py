@@ -24,7 +24,7 @@ import torch
 
 from attnscope.capture.interface import LayerAttention
 
-KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass")
+KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass", "token0_importance")
 ROW_METRICS = ("entropy", "mean_distance", "position_profile", "distance_profile")
 ALL_METRICS = KEYSET_METRICS + ROW_METRICS + ("pattern",)
 # distance_profile is opt-in: it needs a per-element scatter that costs more than the others
@@ -130,6 +130,8 @@ class StatsRecorder:
                     self.row_passes[attn.layer] = "chunked"
                     sums.update(self._row_chunks(attn, b, start, q_rows, groups, plan))
             out = _finish(sums, plan)
+            if "token0_importance" in self.metrics:
+                out["token0_importance"] = self._token0_importance(attn, b, start, plan)
             if "pattern" in self.metrics:
                 out["pattern"] = self._pattern(attn, b, start, plan)
             per_row.append(out)
@@ -169,6 +171,15 @@ class StatsRecorder:
             out["span_mass"] = (torch.stack(masses, 1) if masses
                                 else torch.zeros((G, 0, attn.n_heads), dtype=torch.float64))
         return {k: v for k, v in out.items() if k in self.metrics}
+
+    def _token0_importance(self, attn, b, start, plan) -> np.ndarray:
+        """alpha_0 of Gu et al. 2025: the mean attention token 0 receives from every query that
+        sees it, (1/L) sum_{i=0}^{L-1} P_i0 - all rows of the text from position 0, whatever the
+        query selection (it is a property of the key, not of a query set)."""
+        rows = torch.arange(start, start + plan.length, device=attn.query.device) - attn.q_offset
+        rows = rows[rows >= 0]  # a decoding step sees only its own rows
+        p = keyset_probs(attn, b, rows, start, start + 1)[..., 0]  # [H, L]
+        return p.double().mean(-1).cpu().numpy()
 
     def _row_features(self, attn, b, start, q_rows, groups, plan) -> dict[str, torch.Tensor]:
         """Row metrics from one fused attention call whose values are key features:
