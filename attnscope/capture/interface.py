@@ -51,7 +51,9 @@ class LayerAttention:
     edit: AttentionEdit | None
     softcap: float | None
     row_starts: torch.Tensor  # [B] absolute index of each row's first real token
-    kernel: str = "n/a"  # the kernel that computed the layer's output (capture/kernels.py)
+    # the kernel that computed the layer's output (capture/kernels.py); "external" when a peer
+    # library (TransformerLens, nnsight) ran the attention
+    kernel: str = "external"
     key_start: int = 0
 
     # the feature pass needs q and k; attention read from a stored pattern has neither
