@@ -281,6 +281,8 @@ def test_sliding_window_cache_maps_keys_to_positions(tiny_swa):
         for si, span in enumerate(m.spans):
             s0, s1 = p.spans[span]
             assert np.abs(m.step_share[k, si] - r[:, :, s0:s1].sum(-1)).max() <= 1e-5
+            # the uniform baseline is full causal attention's, not a windowed layer's
+            assert m.step_uniform[k, si] == pytest.approx((s1 - s0) / (p.length + k))
     for count in RETRIEVAL_COUNTS:
         want = _eager_retrieval(rows, m.generated, p.token_ids, p.spans["needle"], count)
         np.testing.assert_allclose(m.retrieval_score(count, "needle"), want, rtol=0, atol=1e-12)

@@ -49,20 +49,14 @@ RETRIEVAL_THRESHOLD = 0.1  # Wu et al. call a head a retrieval head when its sco
 EXTRA_DECODE_STEPS = 4  # decoding runs for the answer's tokens plus this many
 
 
-def _shift(attn: LayerAttention, seq_len: int | None) -> int:
-    """Absolute position of key index 0: > 0 when a sliding-window cache has dropped old keys.
-
-    `seq_len` is the number of tokens in the sequence after the current forward (None: the keys
-    are the whole sequence, as in a forward without a cache)."""
-    return 0 if seq_len is None else seq_len - attn.key.shape[2]
-
-
 class NeedleRecorder:
     """Observer: exact attention mass on key spans, per group of query positions and for the last
-    query row of every forward (one unpadded row; positions are absolute token positions).
+    query row of every forward (one unpadded row; positions are token positions).
 
     A group is measured in the forward that holds all of its positions (the prefill);
     `last[layer]` is overwritten by every forward, so a decoding loop reads it after each step.
+    The uniform baseline has no layer dim: it is taken from full-attention layers (from a
+    windowed one only in a model that has no other), i.e. |S ∩ [0, i]| / (i + 1) for causal rows.
     """
 
     needs_lse = True
@@ -72,50 +66,58 @@ class NeedleRecorder:
         self.groups = groups
         self.spans = spans
         self.layers = None if layers is None else set(layers)
-        self.seq_len: int | None = None  # set by a decoding loop before each forward
         self.share: dict[int, np.ndarray] = {}  # layer -> [group, span, head]
         self.uniform = np.full((len(groups), len(spans)), np.nan)
         self.last: dict[int, np.ndarray] = {}  # layer -> [span, head] of the last query row
         self.last_uniform = np.full(len(spans), np.nan)
+        self._uniform_from_full = False  # has a full-attention layer set the uniform baseline?
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
 
     def observe(self, attn: LayerAttention) -> None:
         T = attn.query.shape[2]
-        shift = _shift(attn, self.seq_len)
-        first = shift + attn.q_offset  # absolute position of query row 0
-        spans = [(max(0, s0 - shift), max(0, s1 - shift)) for s0, s1 in self.spans.values()]
+        first = attn.key_start + attn.q_offset  # token position of query row 0
         dev = attn.query.device
+        full = attn.window is None
+        set_uniform = full or not self._uniform_from_full
+        self._uniform_from_full |= full
         for g, positions in enumerate(self.groups.values()):
             if positions.min() >= first and positions.max() < first + T:
                 rows = torch.as_tensor(positions - first, device=dev)
-                share = self.share.setdefault(attn.layer, np.zeros((len(self.groups), len(spans),
+                share = self.share.setdefault(attn.layer, np.zeros((len(self.groups), len(self.spans),
                                                                     attn.n_heads)))
-                share[g], self.uniform[g] = _span_shares(attn, rows, spans)
-        self.last[attn.layer], self.last_uniform = _span_shares(
-            attn, torch.tensor([T - 1], device=dev), spans)
+                share[g], uniform = _span_shares(attn, rows, self.spans.values())
+                if set_uniform:
+                    self.uniform[g] = uniform
+        self.last[attn.layer], uniform = _span_shares(attn, torch.tensor([T - 1], device=dev),
+                                                      self.spans.values())
+        if set_uniform:
+            self.last_uniform = uniform
 
 
 def _span_shares(attn: LayerAttention, rows: torch.Tensor, spans) -> tuple[np.ndarray, np.ndarray]:
-    """([span, head] mean over rows of the mass on each span, [span] the uniform baseline)."""
+    """([span, head] mean over rows of the mass on each span (token positions), [span] the
+    uniform baseline). A sliding-window cache may have dropped part of a span: those keys are
+    invisible, so they add nothing to either."""
     share = np.stack([keyset_probs(attn, 0, rows, s0, s1).sum(-1).mean(-1).cpu().numpy()
                       for s0, s1 in spans])
     n_vis = attn.visible(rows, 0, int(rows.max()) + attn.q_offset + 1)[0].sum(-1).double()
-    uniform = np.array([float((attn.visible(rows, s0, s1)[0].sum(-1).double() / n_vis).mean())
-                        for s0, s1 in spans])
-    return share, uniform
+    S = attn.key.shape[2]
+    in_span = [attn.visible(rows, min(max(s0 - attn.key_start, 0), S),
+                            min(max(s1 - attn.key_start, 0), S))[0].sum(-1).double()
+               for s0, s1 in spans]  # key indices
+    return share, np.array([float((n / n_vis).mean()) for n in in_span])
 
 
 class RetrievalRecorder:
-    """Observer: each head's most-attended visible key (absolute position) for the last query
-    row of each forward."""
+    """Observer: each head's most-attended visible key (token position) for the last query row
+    of each forward."""
 
     needs_lse = False
 
     def __init__(self, layers=None):
         self.layers = None if layers is None else set(layers)
-        self.seq_len: int | None = None  # set by a decoding loop before each forward
         self.top: dict[int, torch.Tensor] = {}  # layer -> [H] key positions, for the current step
 
     def wants(self, layer: int) -> bool:
@@ -126,8 +128,7 @@ class RetrievalRecorder:
         k_hi = attn.q_offset + int(row) + 1
         s = attn.scores(0, row, slice(0, k_hi))[:, 0]  # [H, K]: O(T) per head and step
         vis = attn.visible(row, 0, k_hi)[0, 0]
-        top = s.masked_fill(~vis[None], float("-inf")).argmax(-1)
-        self.top[attn.layer] = top.cpu() + _shift(attn, self.seq_len)
+        self.top[attn.layer] = s.masked_fill(~vis[None], float("-inf")).argmax(-1).cpu() + attn.key_start
 
 
 def _answer_ids(tokenizer, answer: str) -> list[int]:
@@ -315,8 +316,6 @@ def _decode(lm, ids: list[int], n_new: int, *, needle: NeedleRecorder | None = N
             stack.enter_context(capture(hf_model, r))
         step_input = torch.tensor([ids], device=device)
         while True:
-            for r in recorders:
-                r.seq_len = len(ids) + len(out["generated"])
             with contextlib.ExitStack() as first:
                 if past is None:
                     for obs in prefill_only:
