@@ -27,6 +27,7 @@ class ModelRef:
     params_b: float | None = None
     n_layers: int | None = None
     hidden: int | None = None
+    max_positions: int | None = None  # the config's context, where it can be read without a download
 
 
 @dataclass(eq=False)
@@ -100,10 +101,29 @@ def _local_shape(path: Path) -> dict[str, Any]:
     cfg = cfg.get("text_config", cfg)
     L, h, V = cfg.get("num_hidden_layers"), cfg.get("hidden_size"), cfg.get("vocab_size")
     ff = cfg.get("intermediate_size") or 4 * (h or 0)
+    ctx = cfg.get("max_position_embeddings")
+    ctx = {"max_positions": int(ctx)} if isinstance(ctx, int) else {}
     if not (L and h and V):
-        return {}
+        return ctx
     params = L * (4 * h * h + 3 * h * ff) + 2 * V * h
-    return {"params_b": params / 1e9, "n_layers": int(L), "hidden": int(h)}
+    return {"params_b": params / 1e9, "n_layers": int(L), "hidden": int(h), **ctx}
+
+
+def _cached_context(model: ModelRef, revision: str | None) -> int | None:
+    """The context a checkpoint's config declares, from local files only (no download)."""
+    if model.max_positions is not None or model.kind not in ("hub", "olmpool"):
+        return model.max_positions
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model.load_id, "config.json", revision=revision)
+        if not isinstance(path, str):
+            return None
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # no cache, a damaged file: the load will say what is wrong
+        return None
+    ctx = cfg.get("text_config", cfg).get("max_position_embeddings")
+    return ctx if isinstance(ctx, int) else None
 
 
 def _olmpool_ref(m) -> ModelRef:
@@ -228,7 +248,13 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
     tasks = []
     for ref in refs:
         for rev in resolve_revisions(ref, revisions, notes):
+            ctx = _cached_context(ref, rev)
             for path, spec in specs:
+                too_long = sorted({L for L in spec.grid.lengths if ctx is not None and L > ctx})
+                if too_long:
+                    notes.append(f"{ref.name}{'@' + rev if rev else ''} has a context of {ctx} tokens: the "
+                                 f"{spec.name} tasks of length {', '.join(map(str, too_long))} will fail "
+                                 "(InputTooLongError)")
                 for params in task_params(spec):
                     tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
     return Plan(tasks, notes)

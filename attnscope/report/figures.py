@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from attnscope.errors import AttnscopeError, StoreError
+from attnscope.errors import AttnscopeError, CorruptDataError, StoreError
 from attnscope.report import tables
 from attnscope.report.heatmap import heatmap_figure
+from attnscope.store.files import atomic_output, check_output_dir
 
 # Okabe-Ito colours (colour-blind safe), one per QK-norm kind, used by every figure and view
 QK_COLORS = {"none": "#0072B2", "layerwise": "#E69F00", "headwise": "#009E73", "n/a": "#7F7F7F"}
@@ -113,15 +114,17 @@ def save_figure(fig, out: str | Path, stem: str, *, store: str, command: str,
     png_meta, pdf_meta = _pdf_png_metadata(title, description, store, command)
     paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
     with style():
-        fig.savefig(paths[0], metadata=pdf_meta)
-        fig.savefig(paths[1], metadata=png_meta)
+        for path, meta in zip(paths, (pdf_meta, png_meta)):
+            with atomic_output(path, overwrite=True) as tmp:  # the folder was checked up front
+                fig.savefig(tmp, format=path.suffix[1:], metadata=meta)
     side = {"figure": stem, "title": title, "store": store, "command": command,
             "files": [p.name for p in paths], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "attnscope_version": __version__, **(extra or {})}
     if data is not None:
         side["data"] = _records(data)
     sidecar = out / f"{stem}.json"
-    sidecar.write_text(json.dumps(side, indent=1, default=_json_default), encoding="utf-8")
+    with atomic_output(sidecar, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(side, indent=1, default=_json_default), encoding="utf-8")
     return [*paths, sidecar]
 
 
@@ -534,8 +537,15 @@ def make_figure(name: str, source=None, out: str | Path = "figures-out", *, scor
 
 
 def make_all(source=None, out: str | Path = "figures-out", *, score: str = "helmet_32k", command: str = "",
-             names: list[str] | None = None) -> dict[str, list[Path] | str]:
-    """Every figure that the data allows; {name: paths, or the reason it was skipped}."""
+             names: list[str] | None = None, overwrite: bool = False) -> dict[str, list[Path] | str]:
+    """Every figure that the data allows; {name: paths, or the reason it was skipped}.
+
+    A store path that is not a readable store, or a store with damaged tasks, raises (a figure
+    is skipped only when the data lack what it plots). `out` must be a new or empty folder
+    unless `overwrite`."""
+    check_output_dir(out, overwrite=overwrite)
+    if isinstance(source, (str, Path)):
+        tables.open_store(source).tasks()  # foreign, corrupt or missing: one error, not N skips
     results: dict[str, list[Path] | str] = {}
     for name in names or list(FIGURES):
         f = FIGURES[name]
@@ -544,6 +554,8 @@ def make_all(source=None, out: str | Path = "figures-out", *, score: str = "helm
             continue
         try:
             results[name] = make_figure(name, source, out, score=score, command=command)
+        except CorruptDataError:
+            raise
         except AttnscopeError as exc:
             results[name] = f"skipped: {exc}"
     return results
@@ -559,6 +571,8 @@ def interactive_figures(source=None, score: str = "helmet_32k", names: list[str]
         try:
             for stem, data in f.data(source, score):
                 figs.append((name, stem, f.interactive(data, score)))
+        except CorruptDataError:
+            raise
         except AttnscopeError as exc:
             skipped[name] = str(exc)
     return figs, skipped
@@ -577,6 +591,7 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score", default="helmet_32k", help="score for the score figures (default helmet_32k)")
     p.add_argument("--registry-only", action="store_true", help="ignore any store (registry-only figures)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that has files")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = "python " + " ".join(shlex.quote(a) for a in [f"figures/fig_{name}.py", *argv])
@@ -584,9 +599,10 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
     if f.needs_store and source is None:
         p.error(f"figure {name!r} needs --store PATH")
     try:
+        check_output_dir(args.out, overwrite=args.overwrite)
         paths = make_figure(name, source, args.out, score=args.score, command=command)
     except AttnscopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)
