@@ -250,12 +250,12 @@ def test_analyze_overwrite_replaces_and_writes_through_a_symlink(work, tiny, mon
 def test_out_of_memory_is_one_line_naming_the_length(work, tiny, monkeypatch):
     """The GPU's out-of-memory error is raised on CPU from a patched forward: this tests how
     attnscope handles it (message, exit code), not whether a real GPU runs out."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaModel  # the decoder analyze runs (it skips the LM head)
 
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", oom)
+    monkeypatch.setattr(LlamaModel, "forward", oom)
     line = refused(["analyze", "-m", tiny, "-f", work / "text.txt", "--max-tokens", "40"], work,
                    "out of memory", "40 tokens", "--max-tokens")
     assert "Traceback" not in line
@@ -308,8 +308,11 @@ def test_tokens_refuses_a_one_document_corpus_before_loading(work, tiny, no_load
     # before: ZeroDivisionError in the clustered regression, after every loss was computed
     refused(["tokens", "--model-a", tiny, "--corpus", work / "text.txt", "--out", work / "gaps"], work,
             "1 document", "at least 2")
-    refused(["tokens", "--model-a", tiny, "--corpus", work / "text.txt", "--out", work / "gaps",
-             "--ablate-b", "window:4,layers:0-99"], work, "4-99")
+    for i in range(2):
+        (work / "corpus" / f"doc{i}.txt").parent.mkdir(exist_ok=True)
+        (work / "corpus" / f"doc{i}.txt").write_text(TEXT)
+    refused(["tokens", "--model-a", tiny, "--corpus", work / "corpus", "--out", work / "gaps",
+             "--ablate-b", "window:4,layers:0-99"], work, "4-99", "4 layers")
 
 
 def test_malformed_revision_manifest_is_one_line(work):
@@ -366,16 +369,16 @@ def test_the_api_follows_the_same_rules(tiny, tmp_path, single_thread):
 def test_out_of_memory_fails_only_its_task_in_a_batch(tiny, tmp_path, monkeypatch, single_thread):
     """The out-of-memory error is raised on CPU from a patched forward (only for 48-token inputs):
     this tests the batch's handling of it, not a real GPU running out."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaModel  # the decoder analyze runs (it skips the LM head)
 
-    forward = LlamaForCausalLM.forward
+    forward = LlamaModel.forward
 
     def oom_at_48(self, input_ids=None, *args, **kwargs):
         if input_ids is not None and input_ids.shape[-1] == 48:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
         return forward(self, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", oom_at_48)
+    monkeypatch.setattr(LlamaModel, "forward", oom_at_48)
     (tmp_path / "probe.toml").write_text(PROBE)
     report = attnscope.extract([str(tiny)], None, [tmp_path / "probe.toml"], tmp_path / "s.h5", retries=0,
                                progress=False)
@@ -435,7 +438,7 @@ def test_a_flipped_byte_is_named_by_verify_and_by_every_reader(store, tmp_path):
     assert len(attnscope.open_store(bad2).verify().corrupt) == 1
 
 
-def test_forged_store_markers_are_a_clear_error(tmp_path):
+def test_forged_store_markers_are_a_clear_error(tmp_path, tiny):
     for schema in (1, 2):
         path = tmp_path / f"forged{schema}.h5"
         with h5py.File(path, "w") as f:
@@ -444,7 +447,7 @@ def test_forged_store_markers_are_a_clear_error(tmp_path):
         before = path.read_bytes()
         with pytest.raises(StoreError, match="corrupt|no tasks"):  # before: a raw KeyError
             attnscope.open_store(path).tasks()
-        refused(["extract", "-m", "x", "-p", ROOT / "probes" / "natural_text.toml", "-o", path], tmp_path,
+        refused(["extract", "-m", tiny, "-p", ROOT / "probes" / "natural_text.toml", "-o", path], tmp_path,
                 "never overwrites")
         assert path.read_bytes() == before
 
@@ -452,15 +455,17 @@ def test_forged_store_markers_are_a_clear_error(tmp_path):
 def test_extract_moves_corrupt_tasks_aside_and_measures_them_again(store, tmp_path, tiny, single_thread):
     bad = tmp_path / "bad.h5"
     shutil.copy(store, bad)
-    keys = sorted(attnscope.open_store(store).tasks()["key"])
-    corrupt_data(bad, keys[0])
+    by_length = attnscope.open_store(store).tasks().set_index("length")["key"]
+    keys = sorted(by_length)
+    corrupt_data(bad, by_length[32])  # an array of one task, an attribute of the other
     corrupt_attr(bad, b'{"depth": 0.0, "length": 48}', len('{"depth": 0.0, "length": 4'))
     dry = attnscope.extract([str(tiny)], None, [_probe(tmp_path)], bad, dry_run=True)
     assert dry.already_done == 0 and sorted(dry.corrupt) == keys
     res = CliRunner().invoke(app, ["extract", "-m", str(tiny), "-p", str(_probe(tmp_path)), "-o", str(bad),
                                    "--no-progress"])
     assert res.exit_code == 0, res.stderr
-    assert "2 task(s) measured" in res.stdout and "moved aside" in res.stderr and keys[0] in res.stderr
+    assert "2 task(s) measured" in res.stdout and "moved aside" in res.stderr
+    assert keys[0] in res.stderr and keys[1] in res.stderr
     fixed = attnscope.open_store(bad)
     assert fixed.verify().ok and sorted(fixed.tasks()["key"]) == keys
     with h5py.File(bad) as f:  # nothing deleted: both damaged tasks are kept under /quarantine
@@ -506,7 +511,7 @@ def test_a_schema_1_store_still_opens_and_upgrades(tmp_path, tiny):
         np.testing.assert_array_equal(up[v].values, ds[v].values)
     assert {k: v for k, v in up.attrs.items()} == {k: v for k, v in ds.attrs.items()}
     assert new.failure(df[df.status == "failed"].iloc[0]["key"])["error"].startswith("InputTooLongError")
-    refused(["store", "upgrade", old, tmp_path / "new.h5"], tmp_path, "already exists")
+    refused(["store", "upgrade", old, tmp_path / "new.h5"], tmp_path, "new.h5 is an attnscope batch store")
 
 
 def test_a_schema_1_result_file_still_reads(tmp_path):
@@ -523,20 +528,21 @@ def test_the_lock_is_on_the_real_path_and_a_symlink_stays_a_symlink(store, tmp_p
     shutil.copy(store, real)
     os.symlink(real, tmp_path / "link.h5")
     monkeypatch.chdir(tmp_path)
+    probe = _probe(tmp_path)
     writer = StoreWriter(real)
     try:  # a second writer through the link, or a relative path, is refused
         before = snapshot(tmp_path)
         for alias in ("link.h5", "./real.h5", tmp_path / "sub" / ".." / "real.h5"):
             with pytest.raises(StoreError, match="another attnscope process"):
-                attnscope.extract([str(tiny)], None, [_probe(tmp_path)], alias, progress=False)
+                attnscope.extract([str(tiny)], None, [probe], alias, progress=False)
         assert snapshot(tmp_path) == before
     finally:
         writer.close()
     more = tmp_path / "more.toml"
     more.write_text(PROBE.replace("[32, 48]", "[32, 40]"))
     report = attnscope.extract([str(tiny)], None, [more], "link.h5", progress=False)
-    assert report.succeeded == 1 and report.already_done == 1
-    assert (tmp_path / "link.h5").is_symlink() and len(attnscope.open_store(real).tasks()) == 3
+    assert report.succeeded == 2  # another spec: other task keys
+    assert (tmp_path / "link.h5").is_symlink() and len(attnscope.open_store(real).tasks()) == 4
 
 
 def test_files_get_the_users_umask(tmp_path, tiny, single_thread):
