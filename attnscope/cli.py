@@ -727,14 +727,14 @@ def extract_cmd(
         raise typer.Exit(130) from None
     if dry_run:
         for line in describe_plan(report):
-            _out.print(line, highlight=False)
+            _out.print(line, highlight=False, soft_wrap=True)
         return
     if report.corrupt:
         _error_line(f"{len(report.corrupt)} stored task(s) failed their checksums and were moved aside (nothing "
                     f"deleted: /quarantine in the store, *.corrupt in {report.store.name}.d/) and measured again: "
                     + ", ".join(report.corrupt))
     for note in report.plan.notes:
-        _out.print(f"note: {note}", highlight=False)
+        _out.print(f"note: {note}", highlight=False, soft_wrap=True)
     _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
                f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
     if report.failures:

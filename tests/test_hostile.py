@@ -315,6 +315,16 @@ def test_tokens_refuses_a_one_document_corpus_before_loading(work, tiny, no_load
              "--ablate-b", "window:4,layers:0-99"], work, "4-99", "4 layers")
 
 
+def test_extract_plan_names_lengths_beyond_a_models_context(work, tiny, no_load):
+    """A batch keeps such tasks (they fail one by one, recorded, while the rest run), but the plan
+    says so before anything loads."""
+    (work / "long.toml").write_text(PROBE.replace("[32, 48]", "[32, 300]"))
+    res = CliRunner().invoke(app, ["extract", "-m", str(tiny), "-p", str(work / "long.toml"), "-o",
+                                   str(work / "s.h5"), "--dry-run"])
+    assert res.exit_code == 0, res.stderr
+    assert "has a context of 256 tokens" in res.stdout and "length 300 will fail" in res.stdout
+
+
 def test_malformed_revision_manifest_is_one_line(work):
     for bad in ('{"refs": 5}', '{"refs": [5]}', '{"refs": [{"commit": null}]}', '[1, 2]', "{"):
         (work / "manifest.json").write_text(bad)
