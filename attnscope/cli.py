@@ -52,9 +52,17 @@ def _parse_span(span: Optional[str]) -> dict[str, tuple[int, int]]:
     return {"span": (start, end)}
 
 
+def _json_values(values: np.ndarray):
+    """Nested lists, NaN (an empty query bin) as null: strict JSON has no NaN."""
+    if values.dtype.kind == "f":
+        return np.where(np.isnan(values), None, values.astype(object)).tolist()
+    return values.tolist()
+
+
 def _dataset_json(ds, token_ids: list[int]) -> dict:
-    metrics = {name: ds[name].values.tolist() for name in ds.data_vars}
-    return {
+    metrics = {name: _json_values(ds[name].values) for name in ds.data_vars}
+    extra = {"query_bins": ds.query_bin.values.tolist()} if "query_bin" in ds.coords else {}
+    return {**extra,
         "model": ds.attrs["model"],
         "revision": ds.attrs.get("revision") or None,
         "token_ids": token_ids,
@@ -93,6 +101,10 @@ def analyze(
     out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file (never a batch store)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
+    query_bins: Optional[int] = typer.Option(None, "--query-bins",
+                                             help="Also report every metric per N bins of query position"),
+    kernel: str = typer.Option("auto", help="auto | flex | cpu_flash | grouped | reference"),
+    row_pass: str = typer.Option("auto", "--row-pass", help="auto | features | chunked"),
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
@@ -101,15 +113,17 @@ def analyze(
     _quiet_transformers()
     try:  # every input is checked before the model loads (docs/refusals.md)
         names, edit, spans = _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens,
-                                                     dtype, device)
+                                                     dtype, device, query_bins, kernel, row_pass)
         out = _check_out_file(out, overwrite)
         text = _read_text(text_file)
-        ids = _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit)
+        ids = _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit,
+                                queries, query_bins)
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         _apply_edit(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
         ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
-                               sink_tokens=sink_tokens, spans=spans or None)
+                               sink_tokens=sink_tokens, spans=spans or None,
+                               query_bins=query_bins, kernel=kernel, row_pass=row_pass)
         if out:
             save_result(ds, out, overwrite=overwrite)
     except AttnscopeError as exc:
@@ -123,10 +137,12 @@ def analyze(
 
 
 # -- checks run before any model loads (attnscope.validate has the rules; docs/refusals.md) ---------
-def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens, dtype, device):
+def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens, dtype, device,
+                            query_bins=None, kernel="auto", row_pass="auto"):
     """(metric names, attention edit, spans) from the analyze options, each checked."""
+    from attnscope.capture.kernels import FORCEABLE
     from attnscope.capture.queries import QuerySelection
-    from attnscope.metrics.reductions import ALL_METRICS
+    from attnscope.metrics.reductions import ALL_METRICS, ROW_PASSES
     from attnscope.models.loading import _parse_dtype
     from attnscope.tokens.ablate import parse_ablation
     from attnscope.validate import check_count, check_device, check_metrics
@@ -134,6 +150,11 @@ def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tok
     names = check_metrics((m.strip() for m in metrics.split(",") if m.strip()), ALL_METRICS)
     check_count("--max-tokens", max_tokens)
     check_count("--sink-tokens", sink_tokens, none_ok=False)
+    check_count("--query-bins", query_bins)
+    if kernel != "auto" and kernel not in FORCEABLE:
+        raise AttnscopeError(f"unknown --kernel {kernel!r}; choose auto or one of {', '.join(FORCEABLE)}")
+    if row_pass not in ROW_PASSES:
+        raise AttnscopeError(f"--row-pass must be one of {', '.join(ROW_PASSES)}, not {row_pass!r}")
     QuerySelection.parse(queries)
     _parse_dtype(dtype)
     check_device(device)
@@ -165,9 +186,11 @@ def _limits(model: str, revision, trust_remote_code: bool) -> dict:
     return model_limits(model, revision, trust_remote_code=trust_remote_code)
 
 
-def _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit) -> list[int]:
+def _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit,
+                      queries="all", query_bins=None) -> list[int]:
     """Tokenize with the model's tokenizer alone and check everything that depends on the model's
     shape or the input's length, before the weights load."""
+    from attnscope.capture.queries import QuerySelection, query_bins as bin_queries
     from attnscope.errors import InputTooLongError
     from attnscope.models.loading import load_tokenizer
     from attnscope.validate import check_edit_layers, check_sink_tokens
@@ -191,6 +214,9 @@ def _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink
     for name, (s0, s1) in spans.items():
         if s1 > len(ids):
             raise AttnscopeError(f"--span {s0}:{s1} is not inside the {len(ids)}-token input")
+    selected = QuerySelection.parse(queries).resolve(len(ids))
+    if query_bins is not None:
+        bin_queries(selected, query_bins)
     return ids
 
 
