@@ -2,8 +2,8 @@
 
 Each check raises an AttnscopeError whose message is one line: what is wrong and what to do.
 They depend on values only (no model, no store), so the CLI runs them before any model loads and
-the API runs the same ones before any compute. Like errors.py, this module imports no other part
-of attnscope, so every layer may use it.
+the API runs the same ones before any compute. It imports nothing of attnscope but errors.py, so
+every layer may use it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def check_device(device) -> str:
-    """`device` names a device this torch can use (cpu, cuda[:N], mps, ...); returns it as given."""
+def check_device(device, *, here: bool = True) -> str:
+    """`device` names a device this torch can use (cpu, cuda[:N], mps, ...); returns it as given.
+    With `here=False` (Ray workers on other machines) it only has to be a device torch knows."""
     import torch
 
     if isinstance(device, torch.device):
@@ -34,7 +35,9 @@ def check_device(device) -> str:
             dev = torch.device(str(device))
         except (RuntimeError, TypeError, ValueError):
             raise AttnscopeError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cpu":
+    if dev.type == "meta":
+        raise AttnscopeError("device 'meta' holds no data: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cpu" or not here:
         return str(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -583,7 +583,8 @@ def test_an_unreachable_ray_address_fails_fast(work, tiny, no_load):
     before = snapshot(work)
     # before: ray.init retried for minutes; the timeout here only guards the test run itself
     r = subprocess.run([sys.executable, "-m", "attnscope", "extract", "-m", str(tiny), "-p", str(work / "probe.toml"),
-                        "-o", str(work / "s.h5"), "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"],
+                        "-o", str(work / "s.h5"), "--executor", "ray", "--ray-address", f"127.0.0.1:{port}",
+                        "--device", "cuda"],  # the cluster's workers may have GPUs this driver lacks
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 2, r.stderr
     line = one_line(r.stderr)

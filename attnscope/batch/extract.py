@@ -111,7 +111,8 @@ def extract(
     if executor not in ("local", "ray"):
         raise AttnscopeError(f"unknown executor {executor!r}: use 'local' or 'ray'")
     check_count("retries", retries, minimum=0, none_ok=False)
-    check_device(device)  # once here, not once per task on the workers
+    # once here, not once per task; Ray workers may have devices this driver lacks
+    check_device(device, here=executor == "local" or ray_address is None)
     if executor == "ray" and not dry_run:
         try:
             import ray  # noqa: F401
