@@ -72,6 +72,7 @@ def extract(
     consolidate_ratio: float = 0.25,
     ray_options: dict[str, Any] | None = None,
     on_event: Callable[[dict], None] | None = None,
+    query_bins: int | None = None,
 ) -> ExtractReport:
     """Measure every probe on every model x revision into one HDF5 store, resumably.
 
@@ -81,6 +82,8 @@ def extract(
     skipped, failed ones are tried again. A failing task is recorded (error, traceback) and the
     batch goes on; `report.ok` says whether all succeeded. `on_event` receives dicts
     {"event": stage|"done"|"failed", "task": key, "label": ...} (for monitoring and tests).
+    query_bins=N: natural-text tasks also record every metric per bin of query position
+    (`<metric>_by_query`; a task parameter, so part of the task key; docs/batch.md).
     """
     from attnscope.store.store import StoreWriter
 
@@ -96,7 +99,7 @@ def extract(
     if retries < 0:
         raise AttnscopeError("retries must be >= 0")
     out = Path(out).expanduser().absolute()
-    plan = make_plan(models, revisions, probes, dtype)
+    plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins)
     keys = set(plan.keys)
     emit_event = on_event or (lambda event: None)
 
