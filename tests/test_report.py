@@ -452,7 +452,7 @@ def test_query_profile_is_the_group_mean_of_eager_bins(tiny, single_thread):
     np.testing.assert_allclose(both["value"].to_numpy(), mean, atol=1e-5)
     ragged = attnscope.analyze(lm, token_ids=[ids, other[:60]], metrics=("sink_mass",), query_bins=5)
     with pytest.raises(AttnscopeError, match="isel"):
-        ragged.attnscope.query_profile_data()
+        ragged.attnscope.query_profile_data("sink_mass")
     row = ragged.isel(sequence=1).attnscope.query_profile_data("sink_mass")
     short = attnscope.analyze(lm, token_ids=other[:60], metrics=("sink_mass",), query_bins=5)
     want = short.attnscope.query_profile_data("sink_mass")
