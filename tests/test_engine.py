@@ -58,7 +58,7 @@ def test_flex_and_feature_pass_match_eager(tiny, family, single_thread):
     ds = attnscope.analyze(lm, token_ids=ids[0].tolist(), metrics=METRICS, spans=spans,
                            min_query_position=4, kernel="flex", row_pass="features")
     assert set(json.loads(ds.attrs["attention_kernels"]).values()) == {"flex"}
-    assert set(json.loads(ds.attrs["row_pass"]).values()) == {"features"}
+    assert set(json.loads(ds.attrs["row_pass"]).values()) == {"features:flex"}
     maps = eager_maps(lm.model, ids)
     queries = np.array(json.loads(ds.attrs["query_positions"]))
     _assert_small(_errors(ds, lambda L: maps[L][0], queries, spans))
@@ -238,7 +238,7 @@ def test_bf16_feature_pass_is_fp32_exact(tiny, single_thread):
         qk = QKRecorder()
         with torch.no_grad(), kernel_settings("flex"), capture(lm.model, stats), capture(lm.model, qk):
             lm.model(input_ids=ids, use_cache=False)
-        assert qk.layers[0].query.dtype == torch.bfloat16 and set(stats.row_passes.values()) == {"features"}
+        assert qk.layers[0].query.dtype == torch.bfloat16 and set(stats.row_passes.values()) == {"features:flex"}
         for layer, attn in qk.layers.items():
             ref = reference_metrics(fp64_maps(attn), queries)
             got = stats.results[layer][0]
@@ -269,7 +269,7 @@ def test_both_row_passes_agree(tiny, row_pass, single_thread):
     maps = eager_maps(lm.model, torch.tensor([ids]))
     queries = np.array(json.loads(got.attrs["query_positions"]))
     _assert_small(_errors(got, lambda L: maps[L][0], queries))
-    assert set(json.loads(got.attrs["row_pass"]).values()) == {row_pass}
+    assert {v.split(":")[0] for v in json.loads(got.attrs["row_pass"]).values()} == {row_pass}
 
 
 def test_compiled_flex_traces_and_matches_reference(monkeypatch):
@@ -335,7 +335,7 @@ def test_cuda_compiled_engine_matches_reference_kernel(tiny):
         ids = torch.randint(3, 128, (300,)).tolist()
         fast = attnscope.analyze(lm, token_ids=ids, metrics=METRICS)
         assert set(json.loads(fast.attrs["attention_kernels"]).values()) == {"flex"}
-        assert set(json.loads(fast.attrs["row_pass"]).values()) == {"features"}
+        assert set(json.loads(fast.attrs["row_pass"]).values()) == {"features:flex"}
         ref = attnscope.analyze(lm, token_ids=ids, metrics=METRICS, kernel="reference", row_pass="chunked")
         for name in METRICS:
             np.testing.assert_allclose(fast[name].values, ref[name].values, rtol=2e-2, atol=2e-2)

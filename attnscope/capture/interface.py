@@ -51,7 +51,9 @@ class LayerAttention:
     edit: AttentionEdit | None
     softcap: float | None
     row_starts: torch.Tensor  # [B] absolute index of each row's first real token
-    kernel: str = "n/a"  # the kernel that computed the layer's output (capture/kernels.py)
+    # the kernel that computed the layer's output (capture/kernels.py); "external" when a peer
+    # library (TransformerLens, nnsight) ran the attention
+    kernel: str = "external"
     key_start: int = 0
 
     # the feature pass needs q and k; attention read from a stored pattern has neither
@@ -109,24 +111,33 @@ class LayerAttention:
         return out.view(H, Q, -1)
 
     def expectations(self, b: int, q_rows: torch.Tensor, features: torch.Tensor, *,
-                     with_keys: bool, rows_key=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     with_keys: bool, rows_key=None) -> tuple[torch.Tensor, torch.Tensor, str]:
         """The feature pass: E_p[f] = sum_j P_ij f(j) for query rows `q_rows` of batch row b.
 
-        One attention call in float32 (q and k as the layer's kernel received them, upcast)
-        whose values are the key features [k_j if with_keys | features[j]]; `features` is
-        [S, F]. Returns (E [H, Q, d? + F], lse [H, Q]) with the pass's own row log-sum-exp.
+        Attention calls in float32 (q and k as the layer's kernel received them, upcast) whose
+        values are the key features [k_j if with_keys | features[j]] (`features` is [S, F]),
+        at most max(64, d) value columns per call, so each call is an ordinary-sized attention
+        (a wide value tensor is where fused kernels run out of on-chip memory). Returns
+        (E [H, Q, d? + F], the row LSE [H, Q] of the first call, the kernel that ran).
         FlexAttention when available (compiled on CUDA), the reference kernel otherwise.
         """
         q = self.query[b:b + 1, :, q_rows].float()
         k = self.key[b:b + 1].float()
         f = features.float()[None, None].expand(1, self.n_kv_heads, -1, -1)
-        v = torch.cat([k, f], dim=-1) if with_keys else f.contiguous()
+        width = max(64, k.shape[-1])
+        parts = ([k] if with_keys else []) + [f[..., i:i + width].contiguous()
+                                              for i in range(0, f.shape[-1], width)]
         forced = _SETTINGS["kernel"]
         kernel = "reference" if forced == "reference" or not kernels.flex_available() else "flex"
-        out, lse, _ = kernels.run(kernel, q, k, v, self.scale, self.vis.for_batch_row(b), q_rows,
-                                  self.softcap, True, rows_key=rows_key,
-                                  precision=_SETTINGS["feature_precision"])
-        return out[0], lse[0]
+        vis = self.vis.for_batch_row(b)
+        outs, lse, ran = [], None, kernel
+        for v in parts:
+            out, row_lse, ran = kernels.run(kernel, q, k, v, self.scale, vis, q_rows, self.softcap,
+                                            True, rows_key=rows_key,
+                                            precision=_SETTINGS["feature_precision"])
+            outs.append(out[0])
+            lse = row_lse[0] if lse is None else lse
+        return torch.cat(outs, dim=-1), lse, ran
 
 
 class Observer(Protocol):

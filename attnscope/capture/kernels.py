@@ -83,7 +83,8 @@ def flex_available() -> bool:
     return True
 
 
-_FLEX_BROKEN: list[str] = []  # set when compiling FlexAttention failed once: use the fallback
+# FlexAttention variants (dtype, head dims) that failed to compile in this process -> reason
+_FLEX_BROKEN: dict[tuple, str] = {}
 
 
 def run(kernel: str, query, key, value, scale: float, vis: Visibility,
@@ -93,21 +94,24 @@ def run(kernel: str, query, key, value, scale: float, vis: Visibility,
 
     rows: the row (in `vis`) of each query in `query`; None = all of the call's rows in order.
     rows_key: a hashable name for `rows`, so FlexAttention's block mask can be cached.
-
-    If compiling FlexAttention fails (no Triton, no compiler), the call falls back to the
-    reference kernel, warns once, and says so in the returned name.
+    If FlexAttention fails on a GPU for a variant (dtype, head dims) - no Triton, no compiler,
+    a kernel that does not fit - that variant falls back to the reference kernel, with one
+    warning, and the returned name says so. Out of memory is never a fallback.
     """
-    if kernel == "flex" and not _FLEX_BROKEN:
+    variant = (query.dtype, query.shape[-1], value.shape[-1], softcap is not None)
+    if kernel == "flex" and variant not in _FLEX_BROKEN:
         try:
             out, lse = flex(query, key, value, scale, vis, rows, softcap, need_lse,
                             rows_key=rows_key, precision=precision)
             return out, lse, "flex"
-        except Exception as exc:  # noqa: BLE001 - any compile failure means: use the fallback
-            if query.device.type == "cpu" or not _is_compile_failure(exc):
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - on a GPU any failure of this variant: fall back
+            if query.device.type == "cpu":
                 raise
-            _FLEX_BROKEN.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
-            warnings.warn(f"FlexAttention could not be compiled ({_FLEX_BROKEN[0]}); attnscope "
-                          "falls back to its reference kernel (exact, slower)", RuntimeWarning)
+            _FLEX_BROKEN[variant] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            warnings.warn(f"FlexAttention failed for {variant} ({_FLEX_BROKEN[variant]}); attnscope "
+                          "uses its reference kernel for it (exact, slower)", RuntimeWarning)
     if kernel == "flex":
         kernel = "reference"
     fn = {"grouped": grouped, "cpu_flash": cpu_flash, "reference": reference}[kernel]
@@ -115,12 +119,6 @@ def run(kernel: str, query, key, value, scale: float, vis: Visibility,
         rows = torch.arange(query.shape[2], device=query.device)
     out, lse = fn(query, key, value, scale, vis, rows, softcap, need_lse)
     return out, lse, kernel
-
-
-def _is_compile_failure(exc: Exception) -> bool:
-    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    return bool(names & {"BackendCompilerFailed", "InductorError", "TritonMissing",
-                         "CompilationError", "ImportError", "ModuleNotFoundError"})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -298,8 +296,9 @@ def flex(query, key, value, scale, vis, rows, softcap, need_lse, *, rows_key=Non
                   score_mod=_softcap_mod(float(softcap)) if softcap else None)
     if query.device.type in COMPILED_DEVICES:
         fn = _compiled()[0]
-        if precision and query.device.type == "cuda":
-            kwargs["kernel_options"] = {"FLOAT32_PRECISION": f"'{precision}'"}
+        if precision == "tf32" and query.dtype == torch.float32:
+            # fp32 matmuls default to IEEE (torch's "highest" matmul precision); ask only for TF32
+            kwargs["kernel_options"] = {"FLOAT32_PRECISION": "'tf32'"}
         bm = block_mask(vis, B, Q, S, query.device, rows, rows_key)
         return _call_flex(fn, query, key, value, bm, need_lse, kwargs)
     if rows is None:

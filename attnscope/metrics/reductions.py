@@ -124,7 +124,6 @@ class StatsRecorder:
                 sums.update(self._keyset(attn, b, start, q_rows, groups, plan))
             if any(m in ROW_METRICS for m in self.metrics):
                 if self._use_features(attn):
-                    self.row_passes[attn.layer] = "features"
                     sums.update(self._row_features(attn, b, start, q_rows, groups, plan))
                 else:
                     self.row_passes[attn.layer] = "chunked"
@@ -195,8 +194,9 @@ class StatsRecorder:
             cols.append(torch.nn.functional.one_hot(bin_idx, self.bins).float())
         with_keys = "entropy" in want
         rows_key = (hash(plan.queries.tobytes()), start, attn.q_offset, b)
-        e, lse = attn.expectations(b, q_rows, torch.cat(cols, dim=1), with_keys=with_keys,
-                                   rows_key=rows_key)
+        e, lse, kernel = attn.expectations(b, q_rows, torch.cat(cols, dim=1), with_keys=with_keys,
+                                           rows_key=rows_key)
+        self.row_passes[attn.layer] = f"features:{kernel}"
         d = attn.query.shape[-1] if with_keys else 0
         G = plan.n_groups
         out = {}
