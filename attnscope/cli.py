@@ -735,6 +735,8 @@ def extract_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the models' own code to run"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    query_bins: Optional[int] = typer.Option(None, "--query-bins", help="natural-text tasks also record "
+                                             "every metric per bin of query position (N bins)"),
 ) -> None:
     """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
 
@@ -745,7 +747,8 @@ def extract_cmd(
     try:
         report = extract(models, revisions, [str(p) for p in probes], out, executor=executor,
                          ray_address=ray_address, dtype=dtype, device=device, retries=retries,
-                         dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress)
+                         dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress,
+                         query_bins=query_bins)
     except AttnscopeError as exc:
         _fail(exc)
     except ExtractInterrupted as stop:  # Ctrl-C: say what is safe and how to resume

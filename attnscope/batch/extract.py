@@ -87,6 +87,7 @@ def extract(
     consolidate_ratio: float = 0.25,
     ray_options: dict[str, Any] | None = None,
     on_event: Callable[[dict], None] | None = None,
+    query_bins: int | None = None,
 ) -> ExtractReport:
     """Measure every probe on every model x revision into one HDF5 store, resumably.
 
@@ -102,6 +103,9 @@ def extract(
     seconds, default 10) and the store. Entries of the store that fail their checksums are
     moved aside and measured again (`report.corrupt`). Ctrl-C raises ExtractInterrupted (a
     KeyboardInterrupt) whose `.report` says what was saved.
+
+    query_bins=N: natural-text tasks also record every metric per bin of query position
+    (`<metric>_by_query`; a task parameter, so part of the task key; docs/batch.md).
     """
     from attnscope.batch.runner import check_ray_address
     from attnscope.store.store import StoreWriter
@@ -120,7 +124,7 @@ def extract(
             raise AttnscopeError("the ray executor needs Ray: pip install 'ray[default]' "
                                  "(or use --executor local)") from None
     out = Path(out).expanduser().absolute()
-    plan = make_plan(models, revisions, probes, dtype)
+    plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins)
     keys = set(plan.keys)
     emit_event = on_event or (lambda event: None)
 

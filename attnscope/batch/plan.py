@@ -231,8 +231,10 @@ def resolve_revisions(model: ModelRef, revisions, notes: list[str]) -> list[str 
 
 
 # ------------------------------------------------------------------------------- the plan
-def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "float32") -> Plan:
-    """Expand the request into tasks; validates every model name and probe file first."""
+def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "float32",
+              query_bins: int | None = None) -> Plan:
+    """Expand the request into tasks; validates every model name and probe file first.
+    `query_bins`: natural-text tasks also record every metric per bin of query position."""
     from attnscope.models.loading import _parse_dtype
 
     _parse_dtype(dtype)
@@ -243,6 +245,7 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
     for p in probes:
         spec = load_probe(p)
         specs.append((str(Path(p)), spec))
+    query_notes = _check_query_bins(query_bins, [s for _, s in specs])
     refs = resolve_models(models)
     notes: list[str] = []
     tasks = []
@@ -255,9 +258,31 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
                     notes.append(f"{ref.name}{'@' + rev if rev else ''} has a context of {ctx} tokens: the "
                                  f"{spec.name} tasks of length {', '.join(map(str, too_long))} will fail "
                                  "(InputTooLongError)")
-                for params in task_params(spec):
+                for params in task_params(spec, query_bins):
                     tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
-    return Plan(tasks, notes)
+    return Plan(tasks, query_notes + notes)
+
+
+def _check_query_bins(query_bins: int | None, specs) -> list[str]:
+    """Refuse a bin count no natural-text task can have (before any model loads); say which
+    probes get no bins."""
+    from attnscope.capture.queries import DEFAULT_MIN_POSITION
+
+    if query_bins is None:
+        return []
+    if isinstance(query_bins, bool) or not isinstance(query_bins, int) or query_bins < 1:
+        raise AttnscopeError(f"query_bins must be a positive integer, not {query_bins!r}")
+    natural = [s for s in specs if s.task == "natural_text"]
+    for s in natural:
+        shortest = min(s.grid.lengths)
+        if query_bins > shortest - DEFAULT_MIN_POSITION:
+            raise AttnscopeError(
+                f"query_bins={query_bins} is more than the {shortest - DEFAULT_MIN_POSITION} query positions "
+                f"of probe {s.name!r} at length {shortest} (queries from position {DEFAULT_MIN_POSITION}); "
+                "use fewer bins")
+    others = sorted({s.name for s in specs if s.task != "natural_text"})
+    return [f"query bins are recorded by natural-text probes only; {', '.join(others)} run without them"] \
+        if others else []
 
 
 # ------------------------------------------------------------------------------- cost

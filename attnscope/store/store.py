@@ -721,6 +721,15 @@ class Store:
                 return {a: _attr(v) for a, v in attrs.items()}
         raise StoreError(f"no failed task {key!r} in {self.path}")
 
+    def task(self, key: str) -> xr.Dataset:
+        """The result of the finished task `key` (a row of `tasks()`): reads one task also where a
+        grid point was measured more than once (e.g. by an older method), which `get` refuses."""
+        hits = self._match()
+        hits = hits[hits["key"] == key] if not hits.empty else hits
+        if hits.empty:
+            raise StoreError(f"no finished task {key!r} in {self.path}; see Store.tasks()")
+        return self._read(hits.iloc[0])
+
 
 _FIXED_COLUMNS = {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "method", "pending", "error",
                   "attempts", "_file"}
