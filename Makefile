@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/attnscope demo
+	$(VENV)/bin/attnscope demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -20,8 +20,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
+def _error_line(message) -> None:
+    """One line on stderr: plain text when stderr is not a terminal (rich would wrap it at 80
+    columns), bold red on a terminal (soft-wrapped: still one line)."""
+    from rich.markup import escape
+
+    from attnscope.validate import one_line
+
+    text = one_line(message)
+    if sys.stderr.isatty():
+        console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False)
+    else:
+        sys.stderr.write(f"error: {text}\n")
+        sys.stderr.flush()
+
+
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    _error_line(exc)
     raise typer.Exit(2)
 
 
@@ -32,6 +47,8 @@ def _parse_span(span: Optional[str]) -> dict[str, tuple[int, int]]:
         start, end = (int(x) for x in span.split(":"))
     except ValueError:
         raise AttnscopeError(f"bad --span {span!r}: use START:END token indices, END exclusive") from None
+    if not 0 <= start < end:
+        raise AttnscopeError(f"bad --span {span!r}: need 0 <= START < END (token indices, END exclusive)")
     return {"span": (start, end)}
 
 
@@ -82,6 +99,7 @@ def analyze(
     ablate: Optional[str] = typer.Option(None, "--ablate",
                                          help="attention edit: window:W[,sinks:K], nosink:K, [,layers:0-3+9]"),
     out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file (never a batch store)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
     query_bins: Optional[int] = typer.Option(None, "--query-bins",
                                              help="Also report every metric per N bins of query position"),
@@ -91,27 +109,23 @@ def analyze(
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
     from attnscope.store.hdf5 import save_result
-    from attnscope.tokens.ablate import apply_ablation, parse_ablation
 
     _quiet_transformers()
-    try:
-        edit = parse_ablation(ablate) if ablate else None
-        if not text_file.is_file():
-            raise AttnscopeError(f"no such text file: {text_file}")
+    try:  # every input is checked before the model loads (docs/refusals.md)
+        names, edit, spans = _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens,
+                                                     dtype, device, query_bins, kernel, row_pass)
+        out = _check_out_file(out, overwrite)
+        text = _read_text(text_file)
+        ids = _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit,
+                                queries, query_bins)
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
-        if lm.tokenizer is None:
-            raise AttnscopeError(f"{model} has no tokenizer; save one next to the weights")
-        ids = lm.tokenizer(text_file.read_text(encoding="utf-8"))["input_ids"]
-        if max_tokens:
-            ids = ids[:max_tokens]
-        names = tuple(m.strip() for m in metrics.split(",") if m.strip())
-        apply_ablation(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
+        _apply_edit(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
         ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
-                               sink_tokens=sink_tokens, spans=_parse_span(span) or None,
+                               sink_tokens=sink_tokens, spans=spans or None,
                                query_bins=query_bins, kernel=kernel, row_pass=row_pass)
         if out:
-            save_result(ds, out)
+            save_result(ds, out, overwrite=overwrite)
     except AttnscopeError as exc:
         _fail(exc)
     if as_json:
@@ -120,6 +134,96 @@ def analyze(
         _print_summary(ds)
         if out:
             console.print(f"wrote {out}")
+
+
+# -- checks run before any model loads (attnscope.validate has the rules; docs/refusals.md) ---------
+def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens, dtype, device,
+                            query_bins=None, kernel="auto", row_pass="auto"):
+    """(metric names, attention edit, spans) from the analyze options, each checked."""
+    from attnscope.capture.kernels import FORCEABLE
+    from attnscope.capture.queries import QuerySelection
+    from attnscope.metrics.reductions import ALL_METRICS, ROW_PASSES
+    from attnscope.models.loading import _parse_dtype
+    from attnscope.tokens.ablate import parse_ablation
+    from attnscope.validate import check_count, check_device, check_metrics
+
+    names = check_metrics((m.strip() for m in metrics.split(",") if m.strip()), ALL_METRICS)
+    check_count("--max-tokens", max_tokens)
+    check_count("--sink-tokens", sink_tokens, none_ok=False)
+    check_count("--query-bins", query_bins)
+    if kernel != "auto" and kernel not in FORCEABLE:
+        raise AttnscopeError(f"unknown --kernel {kernel!r}; choose auto or one of {', '.join(FORCEABLE)}")
+    if row_pass not in ROW_PASSES:
+        raise AttnscopeError(f"--row-pass must be one of {', '.join(ROW_PASSES)}, not {row_pass!r}")
+    QuerySelection.parse(queries)
+    _parse_dtype(dtype)
+    check_device(device)
+    return names, parse_ablation(ablate) if ablate else None, _parse_span(span)
+
+
+def _check_out_file(out: Optional[Path], overwrite: bool) -> Optional[Path]:
+    from attnscope.store.files import check_output_file
+
+    return None if out is None else check_output_file(out, overwrite=overwrite)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> Path:
+    from attnscope.store.files import check_output_dir
+
+    return check_output_dir(out, overwrite=overwrite)
+
+
+def _read_text(path: Path) -> str:
+    from attnscope.validate import read_text_file
+
+    return read_text_file(path, "text file")
+
+
+def _limits(model: str, revision, trust_remote_code: bool) -> dict:
+    """The model's layers and context from its config (no weights loaded)."""
+    from attnscope.models.loading import model_limits
+
+    return model_limits(model, revision, trust_remote_code=trust_remote_code)
+
+
+def _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit,
+                      queries="all", query_bins=None) -> list[int]:
+    """Tokenize with the model's tokenizer alone and check everything that depends on the model's
+    shape or the input's length, before the weights load."""
+    from attnscope.capture.queries import QuerySelection, query_bins as bin_queries
+    from attnscope.errors import InputTooLongError
+    from attnscope.models.loading import load_tokenizer
+    from attnscope.validate import check_edit_layers, check_sink_tokens
+
+    limits = _limits(model, revision, trust_remote_code)
+    if edit is not None and limits.get("n_layers"):
+        check_edit_layers(edit.layers, int(limits["n_layers"]), "--ablate")
+    try:
+        tokenizer = load_tokenizer(model, revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AttnscopeError(f"{model} has no usable tokenizer ({type(exc).__name__}); save one next to "
+                             "the weights") from None
+    ids = tokenizer(text)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    check_sink_tokens(sink_tokens, len(ids))
+    ctx = limits.get("max_positions")
+    if ctx and len(ids) > ctx:
+        raise InputTooLongError(f"the input has {len(ids)} tokens but {model} has a context of {ctx}; pass "
+                                f"--max-tokens {ctx} to analyse its first {ctx} tokens")
+    for name, (s0, s1) in spans.items():
+        if s1 > len(ids):
+            raise AttnscopeError(f"--span {s0}:{s1} is not inside the {len(ids)}-token input")
+    selected = QuerySelection.parse(queries).resolve(len(ids))
+    if query_bins is not None:
+        bin_queries(selected, query_bins)
+    return ids
+
+
+def _apply_edit(model, edit) -> None:
+    from attnscope.tokens.ablate import apply_ablation
+
+    apply_ablation(model, edit)
 
 
 def _print_summary(ds, top: int = 10) -> None:
@@ -150,27 +254,32 @@ def _print_summary(ds, top: int = 10) -> None:
 def demo(
     out: Path = typer.Option(Path("attnscope-demo"), help="Folder for the demo's outputs"),
     tokens: int = typer.Option(2048, help="Tokens of real English prose to analyse"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
+                                   "(the demo's two files are replaced)"),
 ):
     """The main job on the embedded model: sinks of SmolLM2 on real English prose."""
     import attnscope
     from attnscope.probing.texts import prose
     from attnscope.report.heatmap import metric_heatmap
     from attnscope.store.hdf5 import save_result
+    from attnscope.validate import check_count
 
     _quiet_transformers()
     try:
+        check_count("--tokens", tokens, minimum=32, none_ok=False)
+        _check_out_dir(out, overwrite)
         console.print("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
         lm = attnscope.load("smollm2")
         ids = lm.tokenizer(prose())["input_ids"][:tokens]
         console.print(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
         ds = attnscope.analyze(lm, token_ids=ids)
         out.mkdir(parents=True, exist_ok=True)
-        result = save_result(ds, out / "smollm2_prose.h5")
+        result = save_result(ds, out / "smollm2_prose.h5", overwrite=overwrite)
         command = f"attnscope demo --out {out} --tokens {tokens}"
         png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
                              title=f"SmolLM2-135M-Instruct\nmass on the first 4 tokens\n"
                                    f"({len(ids)} tokens of prose)",
-                             source=f"store: {result}; made by: {command}")
+                             source=f"store: {result}; made by: {command}", overwrite=overwrite)
     except AttnscopeError as exc:
         _fail(exc)
     _print_summary(ds)
@@ -210,8 +319,7 @@ def models_cmd(
     except AttnscopeError as e:
         _fail(e)
     if as_json and as_csv:
-        _err.print("[red]error:[/red] choose one of --json and --csv")
-        raise typer.Exit(code=2)
+        _fail(AttnscopeError("choose one of --json and --csv"))
     if as_json:
         records = json.loads(df.assign(quirks=df["quirks"].map(list)).to_json(orient="records"))
         typer.echo(json.dumps({"provenance": olmpool.PROVENANCE, "models": records}, indent=1))
@@ -301,11 +409,8 @@ def doctor_cmd(
     _quiet_transformers()
     logging.getLogger("attnscope").setLevel(logging.ERROR)  # load fixes are in the report itself
     try:
-        text = None
-        if text_file is not None:
-            if not text_file.is_file():
-                raise AttnscopeError(f"no such text file: {text_file}")
-            text = text_file.read_text(encoding="utf-8")
+        text = None if text_file is None else _read_text(text_file)
+        _limits(model, revision, trust_remote_code)  # name, revision and remote code, before the load
         report = doctor(model, revision, trust_remote_code=trust_remote_code, text=text,
                         as_name=as_name, fix_rope=fix_rope, max_loss=max_loss,
                         reference_loss=reference_loss, loss_margin=loss_margin,
@@ -333,12 +438,25 @@ def doctor_cmd(
         raise typer.Exit(1)
 
 
-def _floats(s: Optional[str]) -> Optional[list[float]]:
-    return None if s is None else [float(x) for x in s.split(",") if x.strip()]
+def _floats(s: Optional[str], option: str = "--depths") -> Optional[list[float]]:
+    try:
+        return None if s is None else [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise AttnscopeError(f"{option} {s!r}: expected comma-separated numbers") from None
 
 
-def _ints(s: Optional[str]) -> Optional[list[int]]:
-    return None if s is None else [int(x) for x in s.split(",") if x.strip()]
+def _ints(s: Optional[str], option: str = "--lengths") -> Optional[list[int]]:
+    try:
+        return None if s is None else [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise AttnscopeError(f"{option} {s!r}: expected comma-separated integers") from None
+
+
+def _check_grid(ps, lengths, depths, seeds, max_context) -> None:
+    """A probe grid's values, checked before any model loads."""
+    from attnscope.probing.builder import check_grid
+
+    check_grid(ps, lengths, depths, seeds, max_context)
 
 
 @app.command("probe")
@@ -346,6 +464,7 @@ def probe_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
     spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 file for the result"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file (never a batch store)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
     depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
@@ -360,24 +479,31 @@ def probe_cmd(
 ) -> None:
     """Run a probe's length x depth grid: needle share per layer and head, retrieval heads, answers."""
     import attnscope
-    from attnscope.probing.needle import run_probe
+    from attnscope.models.loading import _parse_dtype
+    from attnscope.probing.needle import ANSWER_MODES, RETRIEVAL_COUNTS, RETRIEVAL_SPANS, run_probe
+    from attnscope.probing.spec import load_spec
     from attnscope.store.hdf5 import save_result
-
-    from attnscope.probing.needle import ANSWER_MODES, RETRIEVAL_COUNTS, RETRIEVAL_SPANS
+    from attnscope.validate import check_device
 
     _quiet_transformers()
-    for name, value, allowed in (("--answer-mode", answer_mode, ANSWER_MODES),
-                                 ("--retrieval-count", retrieval_count, RETRIEVAL_COUNTS),
-                                 ("--retrieval-span", retrieval_span, RETRIEVAL_SPANS)):
-        if value not in allowed:  # before the model loads
-            _fail(AttnscopeError(f"{name} {value!r} is not one of {', '.join(allowed)}"))
-    try:
+    try:  # every input is checked before the model loads (docs/refusals.md)
+        for name, value, allowed in (("--answer-mode", answer_mode, ANSWER_MODES),
+                                     ("--retrieval-count", retrieval_count, RETRIEVAL_COUNTS),
+                                     ("--retrieval-span", retrieval_span, RETRIEVAL_SPANS)):
+            if value not in allowed:
+                raise AttnscopeError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        ps = load_spec(spec)
+        grid = _ints(lengths), _floats(depths), _ints(seeds, "--seeds")
+        _parse_dtype(dtype)
+        check_device(device)
+        out = _check_out_file(out, overwrite)
+        _check_grid(ps, *grid, _limits(model, revision, trust_remote_code).get("max_positions"))
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
-        ds = run_probe(lm, str(spec), lengths=_ints(lengths), depths=_floats(depths),
-                       seeds=_ints(seeds), decode=not no_decode, answer_mode=answer_mode,
-                       retrieval_count=retrieval_count, retrieval_span=retrieval_span)
-        save_result(ds, out)
+        ds = run_probe(lm, ps, lengths=grid[0], depths=grid[1], seeds=grid[2], decode=not no_decode,
+                       answer_mode=answer_mode, retrieval_count=retrieval_count,
+                       retrieval_span=retrieval_span)
+        save_result(ds, out, overwrite=overwrite)
     except AttnscopeError as exc:
         _fail(exc)
     table = Table(title=f"{ds.attrs['probe']} on {ds.attrs['model']}")
@@ -419,9 +545,13 @@ def probe_build(
 
     try:
         ps = load_spec(spec)
+        grid = _ints(lengths), _floats(depths), _ints(seeds, "--seeds")
         tk = load_tokenizer(tokenizer)
-        prompts = build_prompts(ps, tk, lengths=_ints(lengths), depths=_floats(depths),
-                                seeds=_ints(seeds), max_context=max_context)
+        if max_context is None and not tokenizer.endswith(".json"):
+            # a model's tokenizer often declares no length: the model's config does
+            max_context = _limits(tokenizer, None, False).get("max_positions")
+        _check_grid(ps, *grid, max_context)
+        prompts = build_prompts(ps, tk, lengths=grid[0], depths=grid[1], seeds=grid[2], max_context=max_context)
     except (AttnscopeError, ValueError) as exc:
         _fail(exc)
     if as_json:
@@ -462,16 +592,30 @@ def tokens(
     n_boot: int = typer.Option(1000, help="bootstrap replicates"),
     seed: int = typer.Option(0, help="bootstrap seed"),
     max_docs: Optional[int] = typer.Option(None, help="use only the first N documents"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
+                                   "(files of the same names are replaced)"),
 ):
     """Compare two models token by token: gap = loss_A - loss_B (> 0: B better), by token category."""
     from attnscope.tokens import parse_ablation, read_corpus, run_study
+    from attnscope.tokens.study import check_documents
+    from attnscope.validate import check_count, check_edit_layers
 
-    try:
+    try:  # every input is checked before a model loads (docs/refusals.md)
         spec = parse_ablation(ablate_b) if ablate_b else None
+        for name, value in (("--window", window), ("--min-context", min_context), ("--batch-size", batch_size),
+                            ("--min-repeat", min_repeat), ("--n-boot", n_boot), ("--far", far),
+                            ("--max-docs", max_docs)):
+            check_count(name, value, none_ok=name in ("--far", "--max-docs"))
         _quiet_transformers()
+        out = _check_out_dir(out, overwrite)
         docs, kinds = read_corpus(corpus)
         if max_docs is not None:
             docs = dict(list(docs.items())[:max_docs])
+        check_documents(docs, f"--corpus {corpus}" + (f" (first {max_docs})" if max_docs is not None else ""))
+        for m in (model_a, model_b or model_a):
+            n_layers = _limits(m, None, False).get("n_layers")
+            if spec is not None and n_layers:
+                check_edit_layers(spec.layers, int(n_layers), f"--ablate-b (model {m})")
         console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
         ma, ta = _load_model(model_a)
         if model_b is None or model_b == model_a:
@@ -485,7 +629,8 @@ def tokens(
         label_b = (label_a if model_b is None else (Path(model_b).name if Path(model_b).exists() else model_b))
         paths = run_study(ma, mb, ta, tb if tb is not ta else None, docs, out, kinds=kinds, ablate_b=spec,
                           far=far, label_a=label_a, label_b=label_b, window=window, min_context=min_context,
-                          batch_size=batch_size, tagger=tagger, min_repeat=min_repeat, n_boot=n_boot, seed=seed)
+                          batch_size=batch_size, tagger=tagger, min_repeat=min_repeat, n_boot=n_boot, seed=seed,
+                          overwrite=overwrite)
     except AttnscopeError as e:
         _fail(e)
     for name, p in paths.items():
@@ -520,6 +665,8 @@ def report_cmd(
     no_html: bool = typer.Option(False, "--no-html", help="skip the HTML page"),
     n_resamples: int = typer.Option(9999, help="bootstrap resamples for correlation CIs"),
     seed: int = typer.Option(0, help="bootstrap seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
+                                   "(the report's files are replaced)"),
 ):
     """Statistics (OLS, LOO R², correlations with bootstrap CIs) as markdown, CSV, JSON and one HTML page."""
     from attnscope.report.html import write_report
@@ -527,12 +674,14 @@ def report_cmd(
     if store is None and not registry_only:
         _fail(AttnscopeError("give --store PATH, or --registry-only for the architecture-only analyses"))
     try:
+        _check_out_dir(out, overwrite)
         command = _command_line("report", store=None if registry_only else store, out=out, score=score,
                                 registry_only=registry_only, revision=None if revision == "final" else revision,
                                 probe=probe, n_resamples=None if n_resamples == 9999 else n_resamples,
                                 seed=seed or None)
         paths = write_report(None if registry_only else store, out, score=score, revision=revision, probe=probe,
-                             command=command, n_resamples=n_resamples, seed=seed, html_page=not no_html)
+                             command=command, n_resamples=n_resamples, seed=seed, html_page=not no_html,
+                             overwrite=overwrite)
     except AttnscopeError as e:
         _fail(e)
     if as_json:
@@ -550,6 +699,8 @@ def figures_cmd(
     score: str = typer.Option("helmet_32k", help="score on the y axis of the score figures"),
     registry_only: bool = typer.Option(False, "--registry-only", help="only the figures the registry alone allows"),
     only: Optional[str] = typer.Option(None, help="comma-separated figure names (default: all)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
+                                   "(figures of the same names are replaced)"),
 ):
     """Every paper figure as PDF + PNG with a JSON sidecar (store and command in the metadata)."""
     from attnscope.report.figures import FIGURES, make_all
@@ -565,7 +716,7 @@ def figures_cmd(
         results = make_all(None if registry_only else store, out, score=score,
                            command=_command_line("figures", store=None if registry_only else store, out=out,
                                                      score=score, registry_only=registry_only, only=only),
-                           names=names)
+                           names=names, overwrite=overwrite)
     except AttnscopeError as e:
         _fail(e)
     for name, r in results.items():
@@ -594,23 +745,35 @@ def extract_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the models' own code to run"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    query_bins: Optional[int] = typer.Option(None, "--query-bins", help="natural-text tasks also record "
+                                             "every metric per bin of query position (N bins)"),
 ) -> None:
     """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
 
     Exit code 0: every task has a result; 1: some tasks failed (listed); 2: bad input."""
-    from attnscope.batch.extract import describe_plan, extract
+    from attnscope.batch.extract import ExtractInterrupted, describe_plan, extract, interrupted_message
 
     _quiet_transformers()
     try:
         report = extract(models, revisions, [str(p) for p in probes], out, executor=executor,
                          ray_address=ray_address, dtype=dtype, device=device, retries=retries,
-                         dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress)
+                         dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress,
+                         query_bins=query_bins)
     except AttnscopeError as exc:
         _fail(exc)
+    except ExtractInterrupted as stop:  # Ctrl-C: say what is safe and how to resume
+        _error_line(interrupted_message(stop.report))
+        raise typer.Exit(130) from None
     if dry_run:
         for line in describe_plan(report):
-            _out.print(line, highlight=False)
+            _out.print(line, highlight=False, soft_wrap=True)
         return
+    if report.corrupt:
+        _error_line(f"{len(report.corrupt)} stored task(s) failed their checksums and were moved aside (nothing "
+                    f"deleted: /quarantine in the store, *.corrupt in {report.store.name}.d/) and measured again: "
+                    + ", ".join(report.corrupt))
+    for note in report.plan.notes:
+        _out.print(f"note: {note}", highlight=False, soft_wrap=True)
     _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
                f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
     if report.failures:
@@ -623,8 +786,59 @@ def extract_cmd(
         raise typer.Exit(1)
 
 
+store_app = typer.Typer(no_args_is_help=True, help="Check and upgrade batch stores (docs/store.md).")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("verify")
+def store_verify(path: Path = typer.Argument(..., help="the batch store (.h5)")) -> None:
+    """Read every task back and check its checksums; name each damaged one (exit 1 if any)."""
+    from attnscope.store.store import Store
+
+    try:
+        report = Store(path).verify()
+    except AttnscopeError as exc:
+        _fail(exc)
+    for line in report.lines():  # one line each: the summary, then every damaged entry
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@store_app.command("upgrade")
+def store_upgrade(src: Path = typer.Argument(..., help="the store to read (any schema; left unchanged)"),
+                  dst: Path = typer.Argument(..., help="the new, checksummed store to write (must not exist)")) -> None:
+    """Write a checksummed (schema 2) copy of a store; the original is only read."""
+    from attnscope.store.store import upgrade_store
+
+    try:
+        n = upgrade_store(src, dst)
+    except AttnscopeError as exc:
+        _fail(exc)
+    _out.print(f"wrote {dst}: {n} entries, each read back from {src} and written with checksums", highlight=False)
+
+
 def main() -> None:
-    app()
+    """The `attnscope` entry point: usage errors (a bad option value, a missing option) are one
+    line on stderr with exit 2, like every other refusal."""
+    try:  # typer >= 0.20 carries its own copy of click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        from click import exceptions as click_exceptions
+
+    try:
+        code = app(standalone_mode=False)
+    except click_exceptions.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `attnscope`: the help, as usual
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _error_line(f"{exc.format_message()}{where}")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

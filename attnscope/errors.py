@@ -37,6 +37,14 @@ class StoreError(AttnscopeError):
     """An HDF5 store is missing, corrupt, foreign or not writable."""
 
 
+class CorruptDataError(StoreError):
+    """Data in an HDF5 file attnscope wrote fails its checksum or cannot be read back."""
+
+
+class OutputExistsError(AttnscopeError):
+    """An output path is taken (an existing file without --overwrite, a batch store, a folder)."""
+
+
 class TextSourceError(AttnscopeError):
     """A text (shipped corpus name or user file) cannot be found or read."""
 

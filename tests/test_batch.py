@@ -396,3 +396,115 @@ def test_ray_executor_gives_the_same_store(world, reference, tmp_path):
     pids = {attnscope.open_store(out).get("toy/tiny-a", r, "prose_sinks", length=32, depth=0.0).attrs["pid"]
             for r in ("step1", "step2")}
     assert os.getpid() not in pids and len(pids) == 2  # one worker process per checkpoint
+
+
+# ------------------------------------------------------------------------------- query bins, alpha_0
+def _excerpt(world, ds) -> list[int]:
+    """The token ids a natural-text task measured (its `start` coordinate), rebuilt independently."""
+    from attnscope.batch.tasks import TaskCache
+
+    tok = attnscope.load(str(world["snapshot"])).tokenizer
+    prefix = list(tok("", add_special_tokens=True)["input_ids"])
+    tokens = TaskCache().text_tokens(tok, "alice")
+    length, start = int(ds["length"].values[0]), int(ds["start"].values[0])
+    return prefix + tokens[start:start + length - len(prefix)]
+
+
+def test_query_bins_and_alpha0_in_natural_text_tasks(world, tmp_path):
+    from reference import eager_maps, reference_metrics
+
+    from attnscope.batch.tasks import NATURAL_TEXT_METHOD
+
+    plain = make_plan(["toy/tiny-a"], "step1", [world["probe"]])
+    binned = make_plan(["toy/tiny-a"], "step1", [world["probe"]], query_bins=4)
+    assert [t.params for t in binned.tasks][0] == {"length": 32, "depth": 0.0, "query_bins": 4}
+    assert set(binned.keys).isdisjoint(plain.keys)  # with and without bins: never one key
+    out = tmp_path / "bins.h5"
+    report = attnscope.extract(["toy/tiny-a"], "step1", [world["probe"]], out, query_bins=4, progress=False)
+    assert report.ok and report.succeeded == 4
+    store = attnscope.open_store(out)
+    tasks = store.tasks()
+    assert set(tasks["query_bins"]) == {4} and set(tasks["method"]) == {NATURAL_TEXT_METHOD}
+    ds = store.get("toy/tiny-a", "step1", "prose_sinks", length=48, depth=0.5, query_bins=4)
+    assert ds.sink_mass_by_query.dims == ("length", "depth", "seed", "layer", "head", "query_bin")
+    assert ds.token0_importance.dims == ("length", "depth", "seed", "layer", "head")
+    assert list(ds.query_bin.values) == [16 + b * 32 // 4 for b in range(4)]  # queries 16..47
+    # every binned metric and alpha_0 against eager attention on the same excerpt
+    ids = _excerpt(world, ds)
+    lm = attnscope.load(str(world["snapshot"]))
+    maps = eager_maps(lm.model, torch.tensor([ids]))
+    one = ds.isel(length=0, depth=0, seed=0)
+    edges = list(one.query_bin.values) + [48]
+    for layer, P in maps.items():
+        alpha0 = P[0, :, :, 0].sum(-1) / 48  # key 0 is seen by all 48 queries
+        np.testing.assert_allclose(one.token0_importance.sel(layer=layer).values, alpha0, atol=1e-6)
+        for b in range(4):
+            want = reference_metrics(P[0], np.arange(edges[b], edges[b + 1]))
+            for name in ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile"):
+                got = one[name + "_by_query"].sel(layer=layer).isel(query_bin=b).values
+                scale = max(1.0, float(np.abs(want[name]).max())) if name == "mean_distance" else 1.0
+                assert np.abs(got - want[name]).max() / scale < 2e-5, (layer, b, name)
+    # the bins, weighted by their query counts, give back the unbinned metric
+    w = one.query_count.values
+    np.testing.assert_allclose((one.entropy_by_query.values * w).sum(-1) / w.sum(), one.entropy.values, atol=1e-5)
+    # the same point without bins is another task (another key), not a resumed one
+    again = attnscope.extract(["toy/tiny-a"], "step1", [world["probe"]], out, progress=False)
+    assert again.succeeded == 4 and again.already_done == 0
+    assert len(attnscope.open_store(out).tasks()) == 8
+
+
+def test_method_bump_remeasures_old_tasks_and_the_report_reads_the_new(world, tmp_path):
+    """A store written before natural-text tasks recorded alpha_0 (method analyze-window/1):
+    extract measures its points again under the new key, keeps the old results, and the
+    report reads only the new measurement of each point."""
+    from attnscope.batch.plan import task_key
+    from attnscope.report import figures as F
+    from attnscope.report import tables as T
+
+    fresh = tmp_path / "fresh.h5"
+    attnscope.extract(["toy/tiny-a"], "step1", [world["probe"]], fresh, progress=False)
+    new = attnscope.open_store(fresh)
+    old_path = tmp_path / "old.h5"
+    plan = make_plan(["toy/tiny-a"], "step1", [world["probe"]])
+    with StoreWriter(old_path, consolidate_ratio=0) as w:
+        for t in plan.tasks:
+            ds = new.get("toy/tiny-a", "step1", "prose_sinks", **t.params).drop_vars("token0_importance")
+            key = task_key(t.model.load_id, t.revision, t.probe_hash, t.params, t.dtype, "analyze-window/1")
+            # the old method's numbers differ (here: scaled), so a mix would show
+            w.put(key, ds.assign(sink_mass=ds.sink_mass * 0.5).assign_attrs(
+                task_key=key, task_method="analyze-window/1"))
+    old_keys = set(attnscope.open_store(old_path).tasks()["key"])
+    assert "sink_rate" not in T.model_table(old_path)  # no task has alpha_0
+    with pytest.raises(StoreError, match="token0_importance"):
+        F.figure_data("score_vs_sinks", old_path)
+    report = attnscope.extract(["toy/tiny-a"], "step1", [world["probe"]], old_path, progress=False)
+    assert report.succeeded == 4 and report.already_done == 0  # every point measured again
+    store = attnscope.open_store(old_path)
+    tasks = store.tasks()
+    assert len(tasks) == 8 and old_keys <= set(tasks["key"])  # nothing deleted
+    current = T.current_tasks(old_path)
+    assert set(current.attrs["superseded"]) == old_keys and not set(current["key"]) & old_keys
+    expect = np.mean([new.get("toy/tiny-a", "step1", "prose_sinks", **t.params).sink_mass.values
+                      for t in plan.tasks])
+    row = T.model_table(old_path).iloc[0]
+    assert row["sink_mass"] == pytest.approx(expect, rel=1e-6)  # the old, halved values are not read
+    assert np.isfinite(row["sink_rate"])
+    for key in old_keys:  # each task stays readable by its key
+        assert "token0_importance" not in store.task(key)
+
+
+def test_query_bins_bad_values_stop_before_any_model_loads(world, tmp_path):
+    from attnscope.cli import app
+    from attnscope.errors import AttnscopeError
+
+    with pytest.raises(AttnscopeError, match="more than the 16 query positions"):
+        make_plan(["toy/tiny-a"], "step1", [world["probe"]], query_bins=17)
+    with pytest.raises(AttnscopeError, match="positive integer"):
+        make_plan(["toy/tiny-a"], "step1", [world["probe"]], query_bins=0)
+    res = CliRunner().invoke(app, ["extract", "-m", "toy/tiny-a", "-r", "step1", "-p", str(world["probe"]),
+                                   "-o", str(tmp_path / "x.h5"), "--query-bins", "40"])
+    assert res.exit_code == 2 and "query_bins=40" in res.output
+    assert not (tmp_path / "x.h5").exists()
+    res = CliRunner().invoke(app, ["extract", "-m", "toy/tiny-a", "-r", "step1", "-p", str(world["probe"]),
+                                   "-o", str(tmp_path / "x.h5"), "--query-bins", "4", "--dry-run"])
+    assert res.exit_code == 0 and "4 task(s)" in res.output

@@ -162,14 +162,19 @@ LABELS = {"llama": "allenai/I_pre_32kv_8k_12k", "qwen3": "K_post_HQK_8kv_12k",
           "olmo2": "H_post_LQK_32kv_8k_11k", "olmo3": "tiny-olmo3"}
 REVISIONS = ["step1000", "step34000", "longcontext-step2385"]
 LENGTHS, DEPTHS = [48, 96], [0.25, 0.75]
+QUERY_BINS = 4
+
+
+def _ids(revision_index: int, length: int, depth: float) -> list[int]:
+    rng = np.random.default_rng(1000 * revision_index + length + int(100 * depth))
+    return rng.integers(3, 120, size=length).tolist()
 
 
 def _needle_result(lm, revision_index: int, length: int, depth: float) -> xr.Dataset:
-    rng = np.random.default_rng(1000 * revision_index + length + int(100 * depth))
-    ids = rng.integers(3, 120, size=length).tolist()
+    ids = _ids(revision_index, length, depth)
     start = 16 + int(depth * (length - 24))
-    ds = attnscope.analyze(lm, token_ids=ids, spans={"needle": (start, start + 6)},
-                           metrics=("sink_mass", "token0_mass", "entropy", "mean_distance"))
+    ds = attnscope.analyze(lm, token_ids=ids, spans={"needle": (start, start + 6)}, query_bins=QUERY_BINS,
+                           metrics=("sink_mass", "token0_mass", "token0_importance", "entropy", "mean_distance"))
     return ds.expand_dims(length=[length], depth=[depth])
 
 
@@ -193,7 +198,7 @@ def store_path(results, tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "tiny.h5"
     with StoreWriter(path, consolidate_ratio=0) as w:
         for i, ((label, rev, L, d), ds) in enumerate(results.items()):
-            params = {"length": L, "depth": d}
+            params = {"length": L, "depth": d, "query_bins": QUERY_BINS}
             w.put(f"task{i:03d}", ds.assign_attrs(
                 task_model=label, task_revision=rev, task_probe="niah_tiny", task_probe_hash="h0",
                 task_params=json.dumps(params, sort_keys=True), task_dtype="float32"))
@@ -248,7 +253,7 @@ def test_every_figure_from_the_store(store_path, tmp_path):
     results = F.make_all(store_path, out, command="attnscope figures --store S --out D")
     assert all(not isinstance(r, str) for r in results.values()), results
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == len(F.FIGURES) - 1 + len(LABELS)  # head heatmaps: one per model
+    assert len(pngs) == len(F.FIGURES) - 2 + 2 * len(LABELS)  # head heatmaps, query profiles: one per model
     from PIL import Image
 
     for png in pngs:
@@ -304,6 +309,171 @@ def test_figure_script_and_cli(store_path, tmp_path):
     assert set(fits["term"]) >= {"const", "harmful_count", "sink_mass", "needle_share", *T.INDICATORS}
     res = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--registry-only" in res.output
+
+
+# ------------------------------------------------------------------------ sink rate (Gu et al.)
+@pytest.fixture(scope="module")
+def eager_alpha0(tiny):
+    """alpha_0 per (model label, revision, length, depth): [layer, head], from eager attention
+    maps of the same token ids (key 0 is seen by all T queries: alpha_0 = sum_i A_i0 / T)."""
+    import torch
+
+    from reference import eager_maps
+
+    out = {}
+    for kind, label in LABELS.items():
+        lm = tiny(kind)
+        for r, rev in enumerate(REVISIONS):
+            for L in LENGTHS:
+                for d in DEPTHS:
+                    maps = eager_maps(lm.model, torch.tensor([_ids(r, L, d)]))
+                    out[(label, rev, L, d)] = np.stack([maps[k][0, :, :, 0].sum(-1) / L for k in sorted(maps)])
+    return out
+
+
+def _epsilon(alpha: dict) -> float:
+    """A threshold inside the tiny models' alpha_0 range, away from every value (random tiny
+    models put about ln(T)/T on token 0, below Gu et al.'s 0.3)."""
+    values = np.sort(np.concatenate([a.ravel() for a in alpha.values()]))
+    eps = float(np.quantile(values, 0.6))
+    assert np.abs(values - eps).min() > 1e-5  # eager and streaming agree to ~1e-6: no value flips
+    return eps
+
+
+def test_sink_rate_in_the_tables_equals_eager_maps(store_path, eager_alpha0):
+    eps = _epsilon(eager_alpha0)
+    final = REVISIONS[-1]
+    table = T.model_table(store_path, sink_epsilon=eps).set_index("model")
+    assert table.attrs["sink_epsilon"] == eps
+    for label in LABELS.values():
+        hits = [eager_alpha0[(label, final, L, d)] > eps for L in LENGTHS for d in DEPTHS]
+        assert table.loc[label, "sink_rate"] == pytest.approx(np.mean(hits), abs=1e-12)
+    rates = table["sink_rate"].to_numpy()
+    assert 0 < rates.min() < rates.max() < 1  # the threshold separates the models
+    # per checkpoint, and per layer
+    ck = T.checkpoint_table(store_path, "sink_rate", sink_epsilon=eps)
+    for _, row in ck.iterrows():
+        want = np.mean([eager_alpha0[(row["model"], row["revision"], L, d)] > eps for L in LENGTHS for d in DEPTHS])
+        assert row["sink_rate"] == pytest.approx(want, abs=1e-12)
+    prof = T.layer_profiles(store_path, sink_epsilon=eps)
+    label = LABELS["olmo3"]
+    got = prof[(prof.model == label) & (prof.revision == final)].sort_values("layer")["sink_rate"].to_numpy()
+    want = np.mean([eager_alpha0[(label, final, L, d)] > eps for L in LENGTHS for d in DEPTHS], axis=(0, 2))
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    # Gu et al.'s default threshold: tiny random models have no head above 0.3
+    assert (T.model_table(store_path)["sink_rate"] == 0).all()
+    with pytest.raises(AttnscopeError, match="epsilon"):
+        T.sink_rate_rows(store_path, 1.2)
+
+
+def test_sink_rate_statistics_and_figures_next_to_sink_mass(store_path, eager_alpha0):
+    eps = _epsilon(eager_alpha0)
+    table = T.model_table(store_path, sink_epsilon=eps)
+    rep = S.run_analyses(table, "helmet_32k", n_resamples=99)
+    fits = {f.name: f for f in rep.fits}
+    scored = table.dropna(subset=["helmet_32k"])
+    assert fits["helmet_32k ~ sink_rate"].n == 3 == len(scored)
+    _, beta = _lstsq(scored["helmet_32k"].to_numpy(float), scored[["sink_rate"]].to_numpy(float))
+    assert fits["helmet_32k ~ sink_rate"].coefficient("sink_rate")["estimate"] == pytest.approx(beta[1])
+    assert "helmet_32k ~ sink_rate + harmful_count" in fits
+    cor = next(c for c in rep.correlations if c.x == "sink_rate")
+    assert cor.n == 3 and (cor.note or math.isclose(cor.pearson_r, np.corrcoef(scored["sink_rate"],
+                                                                           scored["helmet_32k"])[0, 1]))
+    assert "sink_rate" in rep.table.columns and any("alpha_0 >" in n for n in rep.notes)
+    # static: sink mass and sink rate side by side, sharing the score axis
+    fig = F.fig_score_vs_metrics(table, "helmet_32k", ("sink_mass", "sink_rate"))
+    mass, rate = fig.axes[:2]
+    assert mass.get_ylabel() == "HELMET 32K score" and rate.get_xlabel() == f"sink rate (heads with α₀ > {eps:g})"
+    xs = np.sort(np.concatenate([c.get_offsets()[:, 0] for c in rate.collections if len(c.get_offsets())]))
+    np.testing.assert_allclose(xs, np.sort(scored["sink_rate"].to_numpy(float)))
+    assert mass.get_shared_y_axes().joined(mass, rate)
+    # interactive: the same two panels
+    view = I.score_vs_sinks(table, "helmet_32k")
+    assert {tr.xaxis for tr in view.data} == {"x", "x2"}
+    got = np.sort(np.concatenate([np.asarray(tr.x, float) for tr in view.data if tr.xaxis == "x2"]))
+    np.testing.assert_allclose(got, np.sort(scored["sink_rate"].to_numpy(float)))
+    assert "sink_rate" in view.data[-1].hovertemplate
+
+
+# ------------------------------------------------------------------------ query-resolved profiles
+def test_query_profile_is_the_group_mean_of_eager_bins(tiny, single_thread):
+    import torch
+
+    from reference import eager_maps, reference_metrics
+
+    lm = tiny("llama")
+    ids = np.random.default_rng(5).integers(3, 120, size=80).tolist()
+    ds = attnscope.analyze(lm, token_ids=ids, metrics=("sink_mass", "entropy", "position_profile"), query_bins=5)
+    df = ds.attnscope.query_profile_data(groups=2)
+    assert list(dict.fromkeys(df["group"])) == ["L0–1", "L2–3"] and len(df) == 2 * 2 * 5
+    maps = eager_maps(lm.model, torch.tensor([ids]))
+    starts = ds.query_bin.values
+    edges = list(starts) + [80]
+    assert df["query_start"].tolist()[:5] == list(starts) and df["query_end"].tolist()[:5] == edges[1:]
+    for (metric, group), g in df.groupby(["metric", "group"]):
+        layers = [int(v) for v in g["layers"].iloc[0].split(",")]
+        want = [np.mean([reference_metrics(maps[L][0], np.arange(edges[b], edges[b + 1]))[metric].mean()
+                         for L in layers]) for b in range(5)]
+        np.testing.assert_allclose(g.sort_values("query_bin")["value"].to_numpy(), want, atol=2e-5)
+        assert g["n_queries"].tolist() == [edges[b + 1] - edges[b] for b in range(5)]
+    assert [g for g, _ in T.layer_groups(ds.layer.values, 3)] == ["early (L0–1)", "middle (L2)", "late (L3)"]
+    assert len(ds.attnscope.query_profile_data(groups="layer")["group"].unique()) == 4
+    custom = ds.attnscope.query_profile_data("sink_mass", groups={"first": [0], "rest": [1, 2, 3]})
+    assert set(custom["group"]) == {"first", "rest"}
+    # figures: one panel per metric, one line per group, the table's values
+    fig = ds.attnscope.query_profile(static=True)
+    assert len(fig.axes) == 2 and all(len(ax.lines) == 3 for ax in fig.axes)
+    early = df[(df.metric == "sink_mass")]
+    groups3 = ds.attnscope.query_profile_data(groups=3)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(),
+                               groups3[(groups3.metric == "sink_mass") & (groups3.group == "early (L0–1)")]["value"])
+    assert fig.axes[0].get_xlabel() == "query position (tokens, bin centre)"
+    assert fig.axes[1].get_ylabel().startswith("attention entropy") and early["value"].notna().all()
+    view = ds.attnscope.query_profile()
+    assert len(view.data) == 2 * 3 and "layers" in view.data[0].hovertemplate and "queries" in view.data[0].hovertemplate
+    np.testing.assert_allclose(np.asarray(view.data[0].y, float), fig.axes[0].lines[0].get_ydata())
+    # clear errors
+    plain = attnscope.analyze(lm, token_ids=ids, metrics=("sink_mass",))
+    with pytest.raises(AttnscopeError, match="query_bins=N"):
+        plain.attnscope.query_profile()
+    with pytest.raises(AttnscopeError, match="no mean_distance_by_query"):
+        ds.attnscope.query_profile_data("mean_distance")
+    with pytest.raises(AttnscopeError, match="profile"):
+        ds.attnscope.query_profile_data("position_profile")
+    with pytest.raises(AttnscopeError, match="groups"):
+        ds.attnscope.query_profile_data(groups=9)
+    # a padded batch: rows of one length share their bins and are averaged; other lengths refuse
+    other = np.random.default_rng(6).integers(3, 120, size=80).tolist()
+    batch = attnscope.analyze(lm, token_ids=[ids, other], metrics=("sink_mass",), query_bins=5)
+    both = batch.attnscope.query_profile_data("sink_mass")
+    alone = attnscope.analyze(lm, token_ids=other, metrics=("sink_mass",), query_bins=5)
+    mean = (ds.attnscope.query_profile_data("sink_mass")["value"].to_numpy()
+            + alone.attnscope.query_profile_data("sink_mass")["value"].to_numpy()) / 2
+    np.testing.assert_allclose(both["value"].to_numpy(), mean, atol=1e-5)
+    ragged = attnscope.analyze(lm, token_ids=[ids, other[:60]], metrics=("sink_mass",), query_bins=5)
+    with pytest.raises(AttnscopeError, match="isel"):
+        ragged.attnscope.query_profile_data("sink_mass")
+    row = ragged.isel(sequence=1).attnscope.query_profile_data("sink_mass")
+    short = attnscope.analyze(lm, token_ids=other[:60], metrics=("sink_mass",), query_bins=5)
+    want = short.attnscope.query_profile_data("sink_mass")
+    np.testing.assert_allclose(row["value"].to_numpy(), want["value"].to_numpy(), atol=1e-5)
+    assert row["query_end"].tolist() == want["query_end"].tolist() and want["query_end"].iloc[-1] == 60
+
+
+def test_store_query_profiles_average_the_grid(store_path, results):
+    profiles = dict(T.query_profiles(store_path))
+    label, final, L = LABELS["qwen3"], REVISIONS[-1], max(LENGTHS)
+    df = profiles[(label, final, "niah_tiny", L)]
+    # independent: mean over the probe's depths, then over the group's layers and the heads
+    stack = np.stack([results[(label, final, L, d)]["sink_mass_by_query"].isel(length=0, depth=0).values
+                      for d in DEPTHS])  # [depth, layer, head, bin]
+    for group, layers in T.layer_groups(range(4), 3):
+        got = df[(df.metric == "sink_mass") & (df.group == group)].sort_values("query_bin")["value"].to_numpy()
+        np.testing.assert_allclose(got, stack[:, layers].mean(axis=(0, 1, 2)), rtol=1e-6)
+    assert set(df["length"]) == {L} and df.attrs["n_tasks"] == len(DEPTHS)
+    [(stem, data)] = [(s, d) for s, d in F.figure_data("query_profiles", store_path) if label.rsplit("/")[-1] in s]
+    fig = F.fig_query_profile(data)
+    assert f"{L:,} tokens" in fig._suptitle.get_text() and len(fig.axes[0].lines) == 3
 
 
 def test_plotly_views_carry_hover_details(results, tiny):
@@ -413,7 +583,7 @@ def pipeline_store(tmp_path_factory):
                                     .replace("depth_tolerance = 0.05", "depth_tolerance = 0.2"))
     store = base / "pipeline.h5"
     rep = attnscope.extract([str(base / n) for n in folders], None, [str(base / "prose.toml")], store,
-                            progress=False)
+                            progress=False, query_bins=4)
     assert rep.succeeded == 3 * 2 * 2 and not rep.failures
     spec = load_spec(base / "niah.toml")
     needles = {}
@@ -452,3 +622,13 @@ def test_pipeline_store_natural_text_and_needle_tasks(pipeline_store, tmp_path):
     assert isinstance(results["checkpoints"], list)  # one revision per model: still drawn
     [(stem, data)] = F.figure_data("score_vs_needle", store)
     assert data["needle_share"].notna().sum() == 3
+    # the sink rate comes from the natural-text tasks' alpha_0 (needle tasks have none), pooled
+    st = attnscope.open_store(store)
+    tasks = st.tasks()
+    prose = tasks[(tasks["probe"] == "prose_tiny") & (tasks["model"] == row["model"])]
+    assert set(prose["query_bins"]) == {4} and tasks.loc[tasks["probe"] == "niah_tiny", "query_bins"].isna().all()
+    alpha = np.concatenate([st.task(k)["token0_importance"].values.ravel() for k in prose["key"]])
+    eps = float(np.quantile(alpha, 0.5)) + 1e-7
+    rated = T.model_table(store, sink_epsilon=eps).set_index("registry_name")
+    assert rated.loc["K_post_HQK_8kv_12k", "sink_rate"] == pytest.approx((alpha > eps).mean(), abs=1e-12)
+    assert isinstance(results["query_profiles"], list) and isinstance(results["score_vs_sinks"], list)

@@ -35,6 +35,8 @@ class ExtractReport:
     estimate_s: float | None = None
     dry_run: bool = False
     elapsed_s: float = 0.0
+    corrupt: list[str] = field(default_factory=list)  # keys found damaged: moved aside, measured again
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -42,17 +44,30 @@ class ExtractReport:
         return not self.failures and (self.dry_run or self.already_done + self.succeeded == len(self.plan.tasks))
 
 
-def _store_state(out: Path, keys: set[str]) -> tuple[set[str], set[str]]:
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `extract`: `.report` says what was saved before it (see `interrupted_message`)."""
+
+    def __init__(self, report: ExtractReport):
+        super().__init__("interrupted")
+        self.report = report
+
+
+def interrupted_message(report: ExtractReport) -> str:
+    """One line for an interrupted run: what is safe and how to resume."""
+    return (f"interrupted: the {report.succeeded} task(s) finished in this run and the {report.already_done} "
+            f"there before are saved in {report.store} (results not yet folded into the file wait in "
+            f"{report.store.name}.d/, readers see them); the task being measured was not saved. Resume with "
+            "the same command: finished tasks are skipped")
+
+
+def _store_state(out: Path, keys: set[str]) -> tuple[set[str], set[str], set[str]]:
+    """(done, failed, corrupt) keys of the plan in an existing store, every entry read back."""
     from attnscope.store.store import Store, _pending_files, sidecar_dir
 
     if not out.exists() and not _pending_files(sidecar_dir(out)):
-        return set(), set()
-    df = Store(out).tasks()
-    if df.empty:
-        return set(), set()
-    done = set(df.loc[df["status"] == "done", "key"]) & keys
-    failed = set(df.loc[df["status"] == "failed", "key"]) & keys
-    return done, failed
+        return set(), set(), set()
+    check = Store(out).verify()
+    return check.done & keys, check.failed & keys, {c.key for c in check.corrupt} & keys
 
 
 def extract(
@@ -72,6 +87,7 @@ def extract(
     consolidate_ratio: float = 0.25,
     ray_options: dict[str, Any] | None = None,
     on_event: Callable[[dict], None] | None = None,
+    query_bins: int | None = None,
 ) -> ExtractReport:
     """Measure every probe on every model x revision into one HDF5 store, resumably.
 
@@ -81,31 +97,45 @@ def extract(
     skipped, failed ones are tried again. A failing task is recorded (error, traceback) and the
     batch goes on; `report.ok` says whether all succeeded. `on_event` receives dicts
     {"event": stage|"done"|"failed", "task": key, "label": ...} (for monitoring and tests).
+
+    Checked before anything loads: the executor, retries, the device (once for the batch), the
+    models and probes (make_plan), a Ray address (reachable within ATTNSCOPE_RAY_CONNECT_TIMEOUT
+    seconds, default 10) and the store. Entries of the store that fail their checksums are
+    moved aside and measured again (`report.corrupt`). Ctrl-C raises ExtractInterrupted (a
+    KeyboardInterrupt) whose `.report` says what was saved.
+
+    query_bins=N: natural-text tasks also record every metric per bin of query position
+    (`<metric>_by_query`; a task parameter, so part of the task key; docs/batch.md).
     """
+    from attnscope.batch.runner import check_ray_address
     from attnscope.store.store import StoreWriter
+    from attnscope.validate import check_count, check_device
 
     t_start = time.time()
     if executor not in ("local", "ray"):
         raise AttnscopeError(f"unknown executor {executor!r}: use 'local' or 'ray'")
+    check_count("retries", retries, minimum=0, none_ok=False)
+    # once here, not once per task; Ray workers may have devices this driver lacks
+    check_device(device, here=executor == "local" or ray_address is None)
     if executor == "ray" and not dry_run:
         try:
             import ray  # noqa: F401
         except ImportError:
             raise AttnscopeError("the ray executor needs Ray: pip install 'ray[default]' "
                                  "(or use --executor local)") from None
-    if retries < 0:
-        raise AttnscopeError("retries must be >= 0")
     out = Path(out).expanduser().absolute()
-    plan = make_plan(models, revisions, probes, dtype)
+    plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins)
     keys = set(plan.keys)
     emit_event = on_event or (lambda event: None)
 
     if dry_run:
-        done, failed = _store_state(out, keys)
+        done, failed, corrupt = _store_state(out, keys)
         todo = len(keys - done)
         return ExtractReport(out, plan, len(done), len(failed), todo,
                              estimate_s=estimate_seconds(plan, device, dtype, done), dry_run=True,
-                             elapsed_s=time.time() - t_start)
+                             elapsed_s=time.time() - t_start, corrupt=sorted(corrupt))
+    if executor == "ray":
+        check_ray_address(ray_address)
 
     writer = StoreWriter(out, consolidate_ratio=consolidate_ratio)
     done = writer.done & keys
@@ -114,7 +144,8 @@ def extract(
     groups = [(g, tasks) for g, tasks in groups if tasks]
     todo = sum(len(t) for _, t in groups)
     report = ExtractReport(out, plan, len(done), len(failed_before), todo,
-                           estimate_s=estimate_seconds(plan, device, dtype, done))
+                           estimate_s=estimate_seconds(plan, device, dtype, done),
+                           corrupt=sorted({c.key for c in writer.quarantined}))
     by_key = {t.key: t for t in plan.tasks}
     options = RunOptions(dtype=dtype, device=device, trust_remote_code=trust_remote_code, retries=retries)
     bar = BatchProgress(todo, enabled=progress)
@@ -147,6 +178,11 @@ def extract(
                 bar.advance(outcome.ok)
             emit("consolidate", None, str(out))
         writer.close()
+    except KeyboardInterrupt:
+        writer.__exit__(KeyboardInterrupt, None, None)  # release the lock; committed task files stay
+        report.succeeded = len(writer.done & keys) - len(done)  # what is durably written, exactly
+        report.interrupted, report.elapsed_s = True, time.time() - t_start
+        raise ExtractInterrupted(report) from None
     except BaseException:
         writer.__exit__(True, None, None)  # release the lock; committed task files stay
         raise
@@ -164,7 +200,8 @@ def describe_plan(report: ExtractReport) -> list[str]:
              f"{len(models)} model(s), {len(checkpoints)} checkpoint(s) (one load each); "
              f"{len(probes)} probe(s) ({', '.join(sorted(probes))}); {len(plan.tasks)} task(s)",
              f"already in the store: {report.already_done} done, {report.previously_failed} failed before "
-             "(will be retried)",
+             "(will be retried)" + (f", {len(report.corrupt)} corrupt (will be moved aside and measured again)"
+                                    if report.corrupt else ""),
              f"to run: {report.to_run} task(s); rough cost {format_seconds(report.estimate_s)}"]
     lines += [f"note: {n}" for n in plan.notes]
     return lines

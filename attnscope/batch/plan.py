@@ -27,6 +27,7 @@ class ModelRef:
     params_b: float | None = None
     n_layers: int | None = None
     hidden: int | None = None
+    max_positions: int | None = None  # the config's context, where it can be read without a download
 
 
 @dataclass(eq=False)
@@ -100,10 +101,29 @@ def _local_shape(path: Path) -> dict[str, Any]:
     cfg = cfg.get("text_config", cfg)
     L, h, V = cfg.get("num_hidden_layers"), cfg.get("hidden_size"), cfg.get("vocab_size")
     ff = cfg.get("intermediate_size") or 4 * (h or 0)
+    ctx = cfg.get("max_position_embeddings")
+    ctx = {"max_positions": int(ctx)} if isinstance(ctx, int) else {}
     if not (L and h and V):
-        return {}
+        return ctx
     params = L * (4 * h * h + 3 * h * ff) + 2 * V * h
-    return {"params_b": params / 1e9, "n_layers": int(L), "hidden": int(h)}
+    return {"params_b": params / 1e9, "n_layers": int(L), "hidden": int(h), **ctx}
+
+
+def _cached_context(model: ModelRef, revision: str | None) -> int | None:
+    """The context a checkpoint's config declares, from local files only (no download)."""
+    if model.max_positions is not None or model.kind not in ("hub", "olmpool"):
+        return model.max_positions
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model.load_id, "config.json", revision=revision)
+        if not isinstance(path, str):
+            return None
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # no cache, a damaged file: the load will say what is wrong
+        return None
+    ctx = cfg.get("text_config", cfg).get("max_position_embeddings")
+    return ctx if isinstance(ctx, int) else None
 
 
 def _olmpool_ref(m) -> ModelRef:
@@ -211,8 +231,10 @@ def resolve_revisions(model: ModelRef, revisions, notes: list[str]) -> list[str 
 
 
 # ------------------------------------------------------------------------------- the plan
-def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "float32") -> Plan:
-    """Expand the request into tasks; validates every model name and probe file first."""
+def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "float32",
+              query_bins: int | None = None) -> Plan:
+    """Expand the request into tasks; validates every model name and probe file first.
+    `query_bins`: natural-text tasks also record every metric per bin of query position."""
     from attnscope.models.loading import _parse_dtype
 
     _parse_dtype(dtype)
@@ -223,15 +245,44 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
     for p in probes:
         spec = load_probe(p)
         specs.append((str(Path(p)), spec))
+    query_notes = _check_query_bins(query_bins, [s for _, s in specs])
     refs = resolve_models(models)
     notes: list[str] = []
     tasks = []
     for ref in refs:
         for rev in resolve_revisions(ref, revisions, notes):
+            ctx = _cached_context(ref, rev)
             for path, spec in specs:
-                for params in task_params(spec):
+                too_long = sorted({L for L in spec.grid.lengths if ctx is not None and L > ctx})
+                if too_long:
+                    notes.append(f"{ref.name}{'@' + rev if rev else ''} has a context of {ctx} tokens: the "
+                                 f"{spec.name} tasks of length {', '.join(map(str, too_long))} will fail "
+                                 "(InputTooLongError)")
+                for params in task_params(spec, query_bins):
                     tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
-    return Plan(tasks, notes)
+    return Plan(tasks, query_notes + notes)
+
+
+def _check_query_bins(query_bins: int | None, specs) -> list[str]:
+    """Refuse a bin count no natural-text task can have (before any model loads); say which
+    probes get no bins."""
+    from attnscope.capture.queries import DEFAULT_MIN_POSITION
+
+    if query_bins is None:
+        return []
+    if isinstance(query_bins, bool) or not isinstance(query_bins, int) or query_bins < 1:
+        raise AttnscopeError(f"query_bins must be a positive integer, not {query_bins!r}")
+    natural = [s for s in specs if s.task == "natural_text"]
+    for s in natural:
+        shortest = min(s.grid.lengths)
+        if query_bins > shortest - DEFAULT_MIN_POSITION:
+            raise AttnscopeError(
+                f"query_bins={query_bins} is more than the {shortest - DEFAULT_MIN_POSITION} query positions "
+                f"of probe {s.name!r} at length {shortest} (queries from position {DEFAULT_MIN_POSITION}); "
+                "use fewer bins")
+    others = sorted({s.name for s in specs if s.task != "natural_text"})
+    return [f"query bins are recorded by natural-text probes only; {', '.join(others)} run without them"] \
+        if others else []
 
 
 # ------------------------------------------------------------------------------- cost

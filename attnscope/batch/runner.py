@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 
 from attnscope.batch.plan import ModelRef, Task
 from attnscope.batch.tasks import TaskCache, run_task
+from attnscope.errors import MemoryGuardError
+from attnscope.validate import is_out_of_memory, out_of_memory_error
 
 Emit = Callable[[str, Task | None, str], None]  # (stage, task, label)
 
@@ -49,15 +51,15 @@ def versions() -> dict[str, str]:
             "h5py": h5py.__version__, "python": platform.python_version()}
 
 
-def doctor_findings(lm) -> list | None:
-    """Seam for the model doctor (attnscope.models.doctor, not on main yet): its findings are
-    stored with each task. None = the doctor is not available in this install."""
-    try:
-        from attnscope.models import doctor  # noqa: F401
-    except ImportError:
-        return None
-    check = getattr(doctor, "diagnose", None)
-    return None if check is None else list(check(lm))
+def doctor_verdict(lm) -> dict:
+    """The model doctor's verdict on a loaded checkpoint (attnscope.doctor, docs/olmpool.md), stored
+    with each of its tasks as the JSON attr `doctor`: {"status": pass|warn|fail, "counts",
+    "problems": [every check that warned or failed, with measured/expected/explanation]}."""
+    from attnscope.models.doctor import doctor
+
+    report = doctor(lm)
+    return {"status": report.status, "counts": report.counts(),
+            "problems": [c.to_dict() for c in report.checks if c.status in ("warn", "fail")]}
 
 
 def free_memory() -> None:
@@ -102,12 +104,14 @@ def run_group(model: ModelRef, revision: str | None, tasks: list[Task], options:
         for t in tasks:
             yield Outcome(t.key, False, error=load_error[0], traceback=load_error[1], attempts=attempts)
         return
+    t0 = time.perf_counter()
     try:
-        findings = doctor_findings(lm)
-    except Exception as exc:  # a doctor crash is a finding, not a lost checkpoint
-        findings = [f"doctor failed: {_describe(exc)}"]
+        verdict = doctor_verdict(lm)
+    except Exception as exc:  # a doctor crash is recorded, it does not lose the checkpoint
+        verdict = {"status": "error", "error": _describe(exc)}
+    verdict["seconds"] = round(time.perf_counter() - t0, 3)
     common = {"device": options.device, "host": socket.gethostname(), "pid": os.getpid(),
-              "versions": json.dumps(versions()), "doctor": json.dumps(findings),
+              "versions": json.dumps(versions()), "doctor": json.dumps(verdict),
               "timing_load_s": round(t_load, 3)}
     for t in tasks:
         error = None
@@ -116,9 +120,11 @@ def run_group(model: ModelRef, revision: str | None, tasks: list[Task], options:
             t0 = time.perf_counter()
             try:
                 ds = run_task(lm, t, cache)
-            except Exception as exc:
+            except Exception as exc:  # this task fails; the checkpoint's other tasks still run
+                if is_out_of_memory(exc) and not isinstance(exc, MemoryGuardError):
+                    exc = out_of_memory_error(t.params.get("length", "?"), options.device)
                 error = (_describe(exc), traceback.format_exc())
-                ds = None
+                ds = exc = None
                 free_memory()
                 continue
             ds = ds.assign_attrs({**t.identity(), **common, "attempts": attempt,
@@ -164,6 +170,47 @@ def ray_resources(model: ModelRef, options: RunOptions, overrides: dict | None =
         res["memory"] = int(model.params_b * 1e9 * width * 1.5)
     res.update(overrides or {})
     return res
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0  # override with ATTNSCOPE_RAY_CONNECT_TIMEOUT (seconds)
+
+
+def check_ray_address(address: str | None, timeout: float | None = None) -> None:
+    """Fail within `timeout` seconds when nothing answers at a Ray address: `ray.init` itself
+    retries an unreachable address for minutes. `None` (start a local Ray) needs no check;
+    `auto` is looked up the way Ray does; host:port and ray://host:port must accept a TCP
+    connection."""
+    import socket
+
+    from attnscope.errors import AttnscopeError
+    from attnscope.validate import env_seconds
+
+    if address is None:
+        return
+    if timeout is None:
+        timeout = env_seconds("ATTNSCOPE_RAY_CONNECT_TIMEOUT", RAY_CONNECT_TIMEOUT_S)
+    target = address.strip()
+    if target == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address("auto")
+        except Exception as exc:  # Ray's own lookup: no running cluster recorded on this machine
+            raise AttnscopeError(f"--ray-address auto: no running Ray cluster found on this machine "
+                                 f"({type(exc).__name__}); start one with `ray start --head` or give "
+                                 "its address") from None
+        if not target:
+            raise AttnscopeError("--ray-address auto: no running Ray cluster found on this machine; start one "
+                                 "with `ray start --head` or give its address")
+    host, sep, port = target.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise AttnscopeError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise AttnscopeError(f"no Ray cluster reachable at {address} ({why} within {timeout:g} s); start it "
+                             "(`ray start --head`) or fix --ray-address (timeout: ATTNSCOPE_RAY_CONNECT_TIMEOUT)") from None
 
 
 def run_ray(groups, options: RunOptions, emit: Emit, *, address: str | None = None,

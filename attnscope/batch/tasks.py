@@ -3,7 +3,7 @@ measure one task on one loaded model.
 
 Everything the batch layer knows about probes is in this file:
   load_probe(path)          -> spec with .name, .task, .grid.lengths, .grid.depths, .content_hash
-  task_params(spec)         -> the parameter dicts of its tasks (one per length x depth)
+  task_params(spec, query_bins=None) -> the parameter dicts of its tasks (one per length x depth)
   run_task(lm, task, cache) -> xarray.Dataset with dims (length, depth, [seed,] layer, head, ...)
 
 `natural_text` probes are measured here with `attnscope.analyze` on a shipped text. `niah` probes
@@ -23,9 +23,10 @@ from attnscope.errors import ProbeBuildError, SpecError
 from attnscope.probing.needle import run_probe
 from attnscope.probing.spec import load_spec
 
-# Metrics a natural-text task records (every streaming metric that needs no spans).
-NATURAL_TEXT_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile",
-                        "distance_profile")
+# Metrics a natural-text task records (every streaming metric that needs no spans, and alpha_0
+# of Gu et al. for the sink rate: O(T) per head).
+NATURAL_TEXT_METRICS = ("sink_mass", "token0_mass", "token0_importance", "entropy", "mean_distance",
+                        "position_profile", "distance_profile")
 
 
 def load_probe(path: str | Path):
@@ -36,12 +37,17 @@ def load_probe(path: str | Path):
     return load_spec(path)
 
 
-def task_params(spec) -> list[dict[str, Any]]:
-    """One task per (length, depth) of the probe's grid: the unit of resume and of failure."""
-    return [{"length": int(L), "depth": float(d)} for L in spec.grid.lengths for d in spec.grid.depths]
+def task_params(spec, query_bins: int | None = None) -> list[dict[str, Any]]:
+    """One task per (length, depth) of the probe's grid: the unit of resume and of failure.
+    `query_bins` (natural-text probes) is a parameter too, so a task with query-resolved
+    variables never shares a key with one without them."""
+    extra = {"query_bins": int(query_bins)} if query_bins is not None and spec.task == "natural_text" else {}
+    return [{"length": int(L), "depth": float(d), **extra} for L in spec.grid.lengths for d in spec.grid.depths]
 
 
-NATURAL_TEXT_METHOD = "analyze-window/1"  # bump when _natural_text measures differently
+# bump when _natural_text measures differently (docs/batch.md, "Method versions").
+# /2: records token0_importance (alpha_0 of Gu et al.) too
+NATURAL_TEXT_METHOD = "analyze-window/2"
 # bump when run_probe measures differently. /2: one forward per prompt, the `answer` query set on
 # the greedy path, retrieval scores counted per step on the value span (docs/probes.md)
 NIAH_METHOD = "run_probe/2"
@@ -82,9 +88,11 @@ class TaskCache:
         return self.tokens[key]
 
 
-def _natural_text(lm, spec, length: int, depth: float, cache: TaskCache) -> xr.Dataset:
+def _natural_text(lm, spec, length: int, depth: float, cache: TaskCache,
+                  query_bins: int | None = None) -> xr.Dataset:
     """Exact-length excerpts of a shipped text: start = depth x (room left), seed s moves the
-    start on by s x length/4 tokens; the tokenizer's own special prefix (BOS) is kept."""
+    start on by s x length/4 tokens; the tokenizer's own special prefix (BOS) is kept.
+    `query_bins` adds the `<metric>_by_query` variables (analyze's query_bins)."""
     from attnscope.metrics.analyze import analyze
 
     tok = lm.tokenizer
@@ -102,7 +110,7 @@ def _natural_text(lm, spec, length: int, depth: float, cache: TaskCache) -> xr.D
     for seed in spec.seeds:
         start = min(room, round(depth * room) + seed * (length // 4))
         ids = prefix + tokens[start:start + body]
-        ds = analyze(lm, token_ids=ids, metrics=NATURAL_TEXT_METRICS)
+        ds = analyze(lm, token_ids=ids, metrics=NATURAL_TEXT_METRICS, query_bins=query_bins)
         parts.append(ds.expand_dims(seed=[int(seed)]).assign_coords(start=("seed", [start])))
     out = xr.concat(parts, dim="seed", combine_attrs="override") if len(parts) > 1 else parts[0]
     out = out.expand_dims(length=[length], depth=[depth])
@@ -115,6 +123,6 @@ def run_task(lm, task, cache: TaskCache | None = None) -> xr.Dataset:
     cache = cache or TaskCache()
     spec, length, depth = task.spec, task.params["length"], task.params["depth"]
     if spec.task == "natural_text":
-        return _natural_text(lm, spec, length, depth, cache)
+        return _natural_text(lm, spec, length, depth, cache, task.params.get("query_bins"))
     # needle probes: the probing layer builds the prompts and measures them
     return run_probe(lm, spec, lengths=[length], depths=[depth])

@@ -20,6 +20,7 @@ from attnscope.metrics.reductions import (
     RowPlan,
     StatsRecorder,
 )
+from attnscope.validate import check_count, check_metrics, check_sink_tokens, is_out_of_memory, out_of_memory_error
 
 # Full maps beyond this many bytes are refused (override with pattern_limit_bytes=).
 PATTERN_LIMIT_BYTES = 2 << 30
@@ -111,14 +112,12 @@ def analyze(
         metrics = metrics + ("span_mass",)
     if "span_mass" in metrics and not spans:
         raise AttnscopeError("span_mass needs spans={'name': (start, end)} (token indices, end exclusive)")
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise AttnscopeError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
-    if sink_tokens < 1:
-        raise AttnscopeError("sink_tokens must be >= 1")
+    check_metrics(metrics, ALL_METRICS)
+    check_count("max_tokens", max_tokens)
     if row_pass not in ROW_PASSES:
         raise AttnscopeError(f"row_pass must be one of {', '.join(ROW_PASSES)}, not {row_pass!r}")
     seqs = _tokenize(tokenizer, text, token_ids, max_tokens)
+    check_sink_tokens(sink_tokens, min(len(s) for s in seqs))
     config = hf_model.config
     max_pos = getattr(config, "max_position_embeddings", None)
     longest = max(len(s) for s in seqs)
@@ -159,9 +158,14 @@ def analyze(
         attention_mask[b, longest - len(s):] = 1
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
                              max_length=longest, row_pass=row_pass)
-    with kernel_settings(kernel):
-        source.run(recorder, input_ids.to(device),
-                   attention_mask.to(device) if len(seqs) > 1 else None)
+    try:
+        with kernel_settings(kernel):
+            source.run(recorder, input_ids.to(device),
+                       attention_mask.to(device) if len(seqs) > 1 else None)
+    except Exception as exc:
+        if is_out_of_memory(exc):  # one line naming the length and what to lower (docs/refusals.md)
+            raise out_of_memory_error(longest, device) from exc
+        raise
     if not recorder.results:
         raise AttnscopeError(
             f"{type(hf_model).__name__} produced no attention through attnscope's attention "

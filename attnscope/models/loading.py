@@ -27,6 +27,7 @@ from attnscope.errors import (
     RemoteCodeError,
     RevisionNotFoundError,
 )
+from attnscope.validate import check_device
 
 log = logging.getLogger("attnscope")
 
@@ -139,19 +140,24 @@ def convert_gguf(gguf_path: Path) -> Path:
 
 
 def resolve(model: str, revision: str | None = None) -> tuple[str, str, str]:
-    """Return (source, path_or_id, display_name) for a model name."""
+    """Return (source, path_or_id, display_name) for a model name. A revision is refused for a
+    local folder or GGUF file (one checkpoint each), so provenance never records one that was
+    not used."""
     if model.lower() in ALIASES:
+        _no_revision(model, revision, "the embedded model")
         return "gguf", str(smollm2_gguf()), model.lower()
     path = Path(model).expanduser()
     if model.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
+        _no_revision(model, revision, "a GGUF file")
         return "gguf", str(path), model
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{path} exists but is not a model folder (no config.json); "
                 "pass a folder saved with save_pretrained, a .gguf file or a Hub id")
+        _no_revision(model, revision, "a local folder")
         return "local", str(path), model
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"no such file or folder: {model}")
@@ -160,6 +166,28 @@ def resolve(model: str, revision: str | None = None) -> tuple[str, str, str]:
             f"unknown model {model!r}: not an alias ({', '.join(ALIASES)}), not a local path, "
             "and not a Hub id of the form 'org/name'")
     return "hub", model, model
+
+
+def _no_revision(model: str, revision: str | None, what: str) -> None:
+    if revision:
+        raise RevisionNotFoundError(f"{model} is {what}: one checkpoint with no revisions, so --revision "
+                                    f"{revision!r} cannot apply; drop it (or pass the Hub id to load that revision)")
+
+
+def model_limits(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> dict:
+    """What the model's config declares, read without loading weights: {"n_layers",
+    "max_positions"} (values None when not declared). Checks the name, the revision rule of
+    `resolve` and the remote-code rule on the way. A GGUF file not yet converted gives {}."""
+    source, path, _ = resolve(model, revision)
+    if source == "gguf":
+        cached = gguf_cache_dir(Path(path))
+        if not (cached / "attnscope-gguf.json").is_file():
+            return {}
+        source, path = "local", str(cached)
+    raw = read_raw_config(source, path, revision)
+    check_remote_code(raw, path, trust_remote_code)
+    cfg = raw.get("text_config", raw)
+    return {"n_layers": cfg.get("num_hidden_layers"), "max_positions": cfg.get("max_position_embeddings")}
 
 
 def _hub_error(exc: Exception, model: str, revision: str | None) -> AttnscopeError:
@@ -314,18 +342,19 @@ def load(
     layer type before the model is built. Every such repair or assumption is logged as a
     warning and recorded in `LoadedModel.info` (`fixes`, `rope`, `windows`, `windows_assumed`,
     `loading`: missing/unexpected/mismatched weights); see docs/olmpool.md.
+    The device, dtype, name and revision are checked before anything loads (a local folder or
+    GGUF file takes no revision: docs/refusals.md).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnscope.capture.interface import ATTN_IMPLEMENTATION, register
     from attnscope.models.introspect import effective_rope_theta
 
+    check_device(device)
+    torch_dtype = _parse_dtype(dtype)
     source, path, display = resolve(model, revision)
     if source == "gguf":
-        if revision:
-            raise RevisionNotFoundError("a GGUF file has no revisions; drop --revision")
         path = str(convert_gguf(Path(path)))
-    torch_dtype = _parse_dtype(dtype)
     raw = read_raw_config("local" if source == "gguf" else source, path, revision)
     config = load_config(source, path, revision, trust_remote_code, raw=raw)
     info: dict[str, Any] = {"fixes": []}

@@ -118,6 +118,13 @@ def _read_manifest(path: Path, hf_name: str | None) -> list[Revision]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise OfflineError(f"revision manifest {path} is unreadable ({e}); delete it and list the "
                            "revisions once online.") from e
+    if not isinstance(data, dict) or not isinstance(refs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"].strip()
+            and isinstance(r.get("commit"), (str, type(None))) and r.get("kind", "branch") in ("branch", "tag")
+            for r in refs):
+        raise OfflineError(f"revision manifest {path} is malformed: expected {{\"refs\": [{{\"name\": str, "
+                           "\"commit\": str|null, \"kind\": \"branch\"|\"tag\"}, ...]}; fix or delete it and list "
+                           "the revisions once online.")
     if hf_name is not None and data.get("repo_id") not in (None, hf_name):
         raise OfflineError(f"revision manifest {path} is for {data.get('repo_id')!r}, not {hf_name!r}.")
     return _sorted([parse_revision(r["name"], r.get("commit"), r.get("kind", "branch")) for r in refs])

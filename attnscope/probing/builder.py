@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 from attnscope.errors import InputTooLongError, ProbeBuildError
 from attnscope.probing.spec import ProbeSpec
 from attnscope.probing.texts import load_text
+from attnscope.validate import check_seeds
 
 # Key and value words (RULER uses random adjective-noun keys). Plain, common, single-token-ish
 # English words that are unlikely to be confused with one another.
@@ -371,25 +372,33 @@ def _place(stream: _Stream, end: int, needles: list[_Needle], tok_at: Callable[[
 
 # ---------------------------------------------------------------- public entry point
 
+def check_grid(spec: ProbeSpec, lengths: Sequence[int] | None = None, depths: Sequence[float] | None = None,
+               seeds: Sequence[int] | None = None, max_context: int | None = None):
+    """The grid (the spec's unless overridden) as (lengths, depths, seeds), each value checked:
+    lengths integers >= 16 and within `max_context`, depths in [0, 1], seeds >= 0 and distinct.
+    Needs no tokenizer, so callers run it before a model loads."""
+    lengths = list(spec.grid.lengths if lengths is None else lengths)
+    depths = list(spec.grid.depths if depths is None else depths)
+    seeds = check_seeds(spec.seeds if seeds is None else seeds)
+    for L in lengths:
+        if isinstance(L, bool) or not isinstance(L, int) or L < 16:
+            raise ProbeBuildError(f"length {L!r} is not an integer >= 16 (tokens)")
+        if max_context is not None and L > max_context:
+            raise InputTooLongError(
+                f"probe length {L} tokens exceeds the model's context of {max_context} tokens; "
+                f"drop it from --lengths / grid.lengths or pass a larger max_context")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ProbeBuildError(f"depth {d!r} is outside [0, 1] (fraction of the haystack)")
+    return lengths, depths, seeds
+
+
 def build_prompts(spec: ProbeSpec, tokenizer: Any, *, lengths: Sequence[int] | None = None,
                   depths: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
                   max_context: int | None = None) -> list[Prompt]:
     """Every prompt of the grid lengths x depths x seeds (the spec's grid unless overridden)."""
     tok = _Tok(tokenizer)
-    lengths = list(spec.grid.lengths if lengths is None else lengths)
-    depths = list(spec.grid.depths if depths is None else depths)
-    seeds = list(spec.seeds if seeds is None else seeds)
-    limit = _max_context(tokenizer, max_context)
-    for L in lengths:
-        if isinstance(L, bool) or not isinstance(L, int) or L < 16:
-            raise ProbeBuildError(f"length {L!r} is not an integer >= 16 (tokens)")
-        if limit is not None and L > limit:
-            raise InputTooLongError(
-                f"probe length {L} tokens exceeds the model's context of {limit} tokens; "
-                f"drop it from --lengths / grid.lengths or pass a larger max_context")
-    for d in depths:
-        if not 0.0 <= d <= 1.0:
-            raise ProbeBuildError(f"depth {d!r} is outside [0, 1] (fraction of the haystack)")
+    lengths, depths, seeds = check_grid(spec, lengths, depths, seeds, _max_context(tokenizer, max_context))
     cache: dict[str, Any] = {}
     out = []
     for L in lengths:

@@ -5,6 +5,8 @@
     ds.attnscope.heatmap("entropy", static=True) # matplotlib Figure instead
     ds.attnscope.layer_profile("sink_mass")
     ds.attnscope.pattern_viewer(tokens)          # needs analyze(..., metrics=("pattern",))
+    ds.attnscope.query_profile_data()            # needs analyze(..., query_bins=N): tidy DataFrame
+    ds.attnscope.query_profile(static=True)      # sink mass and entropy vs query position per layer group
 
 Registered when attnscope is imported; plotly/matplotlib are imported only when a method runs.
 """
@@ -72,6 +74,30 @@ class AttnscopeAccessor:
         from attnscope.report.interactive import layer_profiles
 
         return layer_profiles(df, metric=metric)
+
+    def query_profile_data(self, metrics: str | Sequence[str] = ("sink_mass", "entropy"), *,
+                           groups: int | str | dict | None = 3, span: str | None = None) -> pd.DataFrame:
+        """Query-resolved metrics as a tidy DataFrame (needs analyze(..., query_bins=N)): per metric,
+        layer group (groups=3: early / middle / late thirds; "layer": each layer; or {label:
+        [layers]}) and query bin, the head mean. Columns: model, revision, metric, group, layers,
+        query_bin, query_start, query_end, query_position (bin centre), n_queries, value."""
+        from attnscope.report.tables import query_profile
+
+        return query_profile(self._ds, metrics, groups=groups, span=span)
+
+    def query_profile(self, metrics: str | Sequence[str] = ("sink_mass", "entropy"), *,
+                      groups: int | str | dict | None = 3, span: str | None = None, static: bool = False,
+                      title: str | None = None):
+        """`metrics` against query position, one panel per metric, one line per layer group:
+        plotly, or matplotlib if static (needs analyze(..., query_bins=N))."""
+        df = self.query_profile_data(metrics, groups=groups, span=span)
+        if static:
+            from attnscope.report.figures import fig_query_profile
+
+            return fig_query_profile(df, title=title)
+        from attnscope.report.interactive import query_profile
+
+        return query_profile(df, title=title)
 
     def pattern_viewer(self, tokens: Sequence[str], *, layers: Sequence[int] | None = None,
                        heads: Sequence[int] | None = None):

@@ -14,15 +14,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from attnscope.errors import AttnscopeError, StoreError
+from attnscope.errors import AttnscopeError, CorruptDataError, StoreError
 from attnscope.report import tables
 from attnscope.report.heatmap import heatmap_figure
+from attnscope.store.files import atomic_output, check_output_dir
 
 # Okabe-Ito colours (colour-blind safe), one per QK-norm kind, used by every figure and view
 QK_COLORS = {"none": "#0072B2", "layerwise": "#E69F00", "headwise": "#009E73", "n/a": "#7F7F7F"}
@@ -42,12 +43,15 @@ WIDTH = 3.4  # inches: one column of a two-column paper
 SCORE_LABELS = {"longppl": "LongPPL (lower is better)"}
 METRIC_LABELS = {"sink_mass": "sink mass (attention on the first tokens)",
                  "token0_mass": "attention on token 0",
+                 "sink_rate": "sink rate (heads with α₀ > ε)",
+                 "token0_importance": "α₀ (mean attention on token 0, all queries)",
                  "needle_share": "needle share of attention",
                  "entropy": "attention entropy (nats)",
                  "mean_distance": "mean attention distance (tokens)"}
 
 __all__ = ["QK_COLORS", "STYLE", "FIGURES", "style", "save_figure", "score_label", "metric_label",
-           "fig_score_vs_count", "fig_score_vs_metric", "fig_layer_profiles", "fig_head_heatmap",
+           "fig_score_vs_count", "fig_score_vs_metric", "fig_score_vs_metrics", "fig_query_profile",
+           "fig_layer_profiles", "fig_head_heatmap",
            "fig_needle_share", "fig_checkpoints", "fig_indicator_effects", "figure_data", "make_figure", "make_all"]
 
 
@@ -58,7 +62,11 @@ def score_label(score: str) -> str:
     return f"{m.group(1).upper()} {m.group(2)}K score" if m else score
 
 
-def metric_label(metric: str) -> str:
+def metric_label(metric: str, epsilon: float | None = None) -> str:
+    if metric == "sink_rate":
+        from attnscope.metrics.sinks import SINK_EPSILON
+
+        return METRIC_LABELS[metric].replace("ε", f"{SINK_EPSILON if epsilon is None else epsilon:g}")
     if metric in METRIC_LABELS:
         return METRIC_LABELS[metric]
     if metric.startswith("span_mass_"):
@@ -113,15 +121,17 @@ def save_figure(fig, out: str | Path, stem: str, *, store: str, command: str,
     png_meta, pdf_meta = _pdf_png_metadata(title, description, store, command)
     paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
     with style():
-        fig.savefig(paths[0], metadata=pdf_meta)
-        fig.savefig(paths[1], metadata=png_meta)
+        for path, meta in zip(paths, (pdf_meta, png_meta)):
+            with atomic_output(path, overwrite=True) as tmp:  # the folder was checked up front
+                fig.savefig(tmp, format=path.suffix[1:], metadata=meta)
     side = {"figure": stem, "title": title, "store": store, "command": command,
             "files": [p.name for p in paths], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "attnscope_version": __version__, **(extra or {})}
     if data is not None:
         side["data"] = _records(data)
     sidecar = out / f"{stem}.json"
-    sidecar.write_text(json.dumps(side, indent=1, default=_json_default), encoding="utf-8")
+    with atomic_output(sidecar, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(side, indent=1, default=_json_default), encoding="utf-8")
     return [*paths, sidecar]
 
 
@@ -205,37 +215,101 @@ def fig_score_vs_count(table: pd.DataFrame, score: str = "helmet_32k", *, store:
 def fig_score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: str = "sink_mass", *,
                         store: str = ""):
     """Score vs an attention metric, one point per model, colour = QK-norm kind, OLS line."""
-    tables.require_columns(table, [score, metric], f"score vs {metric}")
-    data = table.dropna(subset=[score, metric])
-    if data.empty:
-        raise StoreError(f"no model in the store has both {metric} and a {score} score (models outside "
-                         "OlmPool have no scores)")
-    with style() as mpl:
-        fig, ax = mpl.subplots(figsize=(WIDTH, 2.6))
-        kinds = data["qk_norm"].map(qk_kind) if "qk_norm" in data else pd.Series("n/a", index=data.index)
-        for kind in QK_COLORS:
-            sel = (kinds == kind).to_numpy()
-            if sel.any():
-                ax.scatter(data[metric].to_numpy(float)[sel], data[score].to_numpy(float)[sel],
-                           c=QK_COLORS[kind], marker=QK_MARKERS[kind], label=QK_LABELS[kind], zorder=3,
-                           edgecolor="white", linewidth=0.4)
-        if len(data) >= 3 and data[metric].nunique() > 1:
-            from attnscope.report.stats import ols
+    return fig_score_vs_metrics(table, score, [metric], store=store)
 
-            fit = ols(data, score, [metric])
-            b0, b1 = fit.coefficient("const")["estimate"], fit.coefficient(metric)["estimate"]
-            xs = np.linspace(data[metric].min(), data[metric].max(), 20)
-            ax.plot(xs, b0 + b1 * xs, color="0.2", zorder=2)
-            ax.text(0.98, 0.03, f"R² {fit.r2:.2f}, LOO R² {fit.loo_r2:.2f}, n = {fit.n}", transform=ax.transAxes,
-                    ha="right", va="bottom", fontsize=6.5)
-        ax.set_xlabel(metric_label(metric))
-        ax.set_ylabel(score_label(score))
-        ax.set_title(f"{score_label(score)} vs {metric_label(metric).split(' (')[0]}")
-        _qk_legend(ax, kinds, loc="best")
+
+def fig_score_vs_metrics(table: pd.DataFrame, score: str = "helmet_32k",
+                         metrics: Sequence[str] = ("sink_mass", "sink_rate"), *, store: str = ""):
+    """Score vs each attention metric side by side (shared score axis), one point per model,
+    colour = QK-norm kind, OLS line with R², LOO R² and n per panel."""
+    tables.require_columns(table, [score, *metrics], f"score vs {', '.join(metrics)}")
+    for metric in metrics:
+        if table.dropna(subset=[score, metric]).empty:
+            raise StoreError(f"no model in the store has both {metric} and a {score} score (models outside "
+                             "OlmPool have no scores)" + (_SINK_RATE_HINT if metric == "sink_rate" else ""))
+    eps = table.attrs.get("sink_epsilon")
+    with style() as mpl:
+        fig, axes = mpl.subplots(1, len(metrics), figsize=(WIDTH * (1 + 0.85 * (len(metrics) - 1)), 2.6),
+                                 squeeze=False, sharey=True)
+        for ax, metric in zip(axes[0], metrics):
+            data = table.dropna(subset=[score, metric])
+            kinds = data["qk_norm"].map(qk_kind) if "qk_norm" in data else pd.Series("n/a", index=data.index)
+            for kind in QK_COLORS:
+                sel = (kinds == kind).to_numpy()
+                if sel.any():
+                    ax.scatter(data[metric].to_numpy(float)[sel], data[score].to_numpy(float)[sel],
+                               c=QK_COLORS[kind], marker=QK_MARKERS[kind], label=QK_LABELS[kind], zorder=3,
+                               edgecolor="white", linewidth=0.4)
+            if len(data) >= 3 and data[metric].nunique() > 1:
+                from attnscope.report.stats import ols
+
+                fit = ols(data, score, [metric])
+                b0, b1 = fit.coefficient("const")["estimate"], fit.coefficient(metric)["estimate"]
+                xs = np.linspace(data[metric].min(), data[metric].max(), 20)
+                ax.plot(xs, b0 + b1 * xs, color="0.2", zorder=2)
+                ax.text(0.98, 0.03, f"R² {fit.r2:.2f}, LOO R² {fit.loo_r2:.2f}, n = {fit.n}",
+                        transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5)
+            ax.set_xlabel(metric_label(metric, epsilon=eps))
+            ax.set_title(f"{score_label(score)} vs {metric_label(metric).split(' (')[0]}" if len(metrics) == 1
+                         else metric_label(metric).split(" (")[0])
+            if ax is axes[0][0]:
+                _qk_legend(ax, kinds, loc="best")
+        axes[0][0].set_ylabel(score_label(score))
+        if len(metrics) > 1:
+            fig.suptitle(f"{score_label(score)} vs " + " and ".join(metric_label(m).split(" (")[0] for m in metrics),
+                         fontsize=9)
         if store:
             _source_note(fig, store)
         fig.tight_layout()
     return fig
+
+
+_SINK_RATE_HINT = ("; the sink rate needs alpha_0 (token0_importance), which natural-text tasks record "
+                   "since method analyze-window/2: run `attnscope extract` again on the store")
+
+
+def fig_query_profile(profile: pd.DataFrame, *, title: str | None = None, store: str = ""):
+    """Query-resolved metrics against query position (bin centre), one panel per metric, one line
+    per layer group (a `tables.query_profile` table)."""
+    tables.require_columns(profile, ["metric", "group", "query_position", "value"], "query profile")
+    metrics = list(dict.fromkeys(profile["metric"]))
+    groups = list(dict.fromkeys(profile["group"]))
+    colours = _group_colours(len(groups))
+    with style() as mpl:
+        fig, axes = mpl.subplots(1, len(metrics), figsize=(WIDTH * (1 + 0.9 * (len(metrics) - 1)), 2.5),
+                                 squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            d = profile[profile["metric"] == metric]
+            for colour, group in zip(colours, groups):
+                g = d[d["group"] == group].sort_values("query_position")
+                ax.plot(g["query_position"], g["value"], color=colour, marker="o", markersize=2.5, label=group)
+            ax.set_xlabel("query position (tokens, bin centre)")
+            ax.set_ylabel(metric_label(metric))
+            ax.set_title(f"{metric_label(metric).split(' (')[0]} vs query position")
+            if metric.endswith("_mass"):
+                ax.set_ylim(bottom=0)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if len(groups) <= 12:
+            axes[0][-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=6,
+                               title="layers (head mean)", title_fontsize=6)
+        first = profile.iloc[0]
+        model = _short(str(profile.attrs.get("model") or first.get("model", "")))
+        rev = str(profile.attrs.get("revision") or first.get("revision", "") or "")
+        length = profile.attrs.get("length")
+        fig.suptitle(title or (model + (f" @ {rev}" if rev else "") + (f", {int(length):,} tokens" if length else "")),
+                     fontsize=9)
+        if store:
+            _source_note(fig, store)
+        fig.tight_layout()
+    return fig
+
+
+def _group_colours(n: int) -> list:
+    """Ordered layer groups: a perceptually uniform, colour-blind safe ramp (early = dark)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(x) for x in (np.linspace(0.0, 0.85, n) if n > 1 else [0.35])]
 
 
 def _model_colours(models: list[str], kinds: list[str]) -> dict[str, tuple[str, str]]:
@@ -360,7 +434,7 @@ def fig_checkpoints(ckpts: pd.DataFrame, metric: str = "sink_mass", *, store: st
                     transform=ax.get_xaxis_transform())
         ax.set_xticks(range(len(revs)), [r or "(none)" for r in revs], rotation=45, ha="right", fontsize=6)
         ax.set_xlabel("checkpoint (revision)")
-        ax.set_ylabel(metric_label(metric))
+        ax.set_ylabel(metric_label(metric, epsilon=ckpts.attrs.get("sink_epsilon")))
         ax.set_title(f"{metric_label(metric).split(' (')[0]} across checkpoints")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=6)
         if store:
@@ -442,6 +516,27 @@ def _data_score_vs_metric(metric):
     return data
 
 
+def _data_score_vs_metrics(metrics):
+    def data(source, score):
+        table = tables.model_table(source)
+        for metric in metrics:
+            if metric not in table.columns:
+                raise StoreError(f"no task in {tables.store_label(source)} has {metric}"
+                                 + (_SINK_RATE_HINT if metric == "sink_rate" else ""))
+        cols = ["model", "revision", "registry_name", "qk_norm", "harmful_count", *metrics, score]
+        return [(f"score_vs_{'_'.join(metrics)}_{score}" if len(metrics) > 1 else f"score_vs_{metrics[0]}_{score}",
+                 table[cols])]
+    return data
+
+
+def _data_query_profiles(source, score):
+    out = []
+    for (model, rev, probe, length), df in tables.query_profiles(source):
+        stem = "query_profile_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{_short(model, 80)}_{probe}_{length}")
+        out.append((stem, df))
+    return out
+
+
 def _data_layer_profiles(source, score):
     prof = tables.layer_profiles(source)
     prof = _final_rows(prof)
@@ -469,8 +564,14 @@ def _data_needle_share(source, score):
     return [("needle_share", _with_qk(nd))]
 
 
-def _data_checkpoints(source, score):
-    return [("checkpoints_sink_mass", tables.checkpoint_table(source, "sink_mass"))]
+def _data_checkpoints(metric):
+    def data(source, score):
+        table = tables.checkpoint_table(source, metric)
+        if table[metric].isna().all():
+            raise StoreError(f"no checkpoint in {tables.store_label(source)} has {metric}"
+                             + (_SINK_RATE_HINT if metric == "sink_rate" else ""))
+        return [(f"checkpoints_{metric}", table)]
+    return data
 
 
 def _interactive(name):
@@ -492,6 +593,10 @@ FIGURES: dict[str, FigureDef] = {f.name: f for f in [
               _data_score_vs_metric("sink_mass"),
               lambda d, score, store: fig_score_vs_metric(d, score, "sink_mass", store=store),
               _interactive("score_vs_sink")),
+    FigureDef("score_vs_sinks", "long-context score vs sink mass and vs sink rate (Gu et al.), side by side",
+              True, _data_score_vs_metrics(("sink_mass", "sink_rate")),
+              lambda d, score, store: fig_score_vs_metrics(d, score, ("sink_mass", "sink_rate"), store=store),
+              _interactive("score_vs_sinks")),
     FigureDef("score_vs_needle", "long-context score vs needle share, coloured by QK-norm kind", True,
               _data_score_vs_metric("needle_share"),
               lambda d, score, store: fig_score_vs_metric(d, score, "needle_share", store=store),
@@ -504,8 +609,16 @@ FIGURES: dict[str, FigureDef] = {f.name: f for f in [
               _interactive("head_heatmap")),
     FigureDef("needle_share", "needle share vs depth and length", True, _data_needle_share,
               lambda d, score, store: fig_needle_share(d, store=store), _interactive("needle_share")),
-    FigureDef("checkpoints", "sink mass across checkpoints (pretraining -> extension)", True, _data_checkpoints,
+    FigureDef("checkpoints", "sink mass across checkpoints (pretraining -> extension)", True,
+              _data_checkpoints("sink_mass"),
               lambda d, score, store: fig_checkpoints(d, "sink_mass", store=store), _interactive("checkpoints")),
+    FigureDef("checkpoints_sink_rate", "sink rate (Gu et al.) across checkpoints", True,
+              _data_checkpoints("sink_rate"),
+              lambda d, score, store: fig_checkpoints(d, "sink_rate", store=store),
+              _interactive("checkpoints_sink_rate")),
+    FigureDef("query_profiles", "sink mass and entropy vs query position per layer group (tasks with query bins)",
+              True, _data_query_profiles,
+              lambda d, score, store: fig_query_profile(d, store=store), _interactive("query_profile")),
 ]}
 
 
@@ -534,8 +647,15 @@ def make_figure(name: str, source=None, out: str | Path = "figures-out", *, scor
 
 
 def make_all(source=None, out: str | Path = "figures-out", *, score: str = "helmet_32k", command: str = "",
-             names: list[str] | None = None) -> dict[str, list[Path] | str]:
-    """Every figure that the data allows; {name: paths, or the reason it was skipped}."""
+             names: list[str] | None = None, overwrite: bool = False) -> dict[str, list[Path] | str]:
+    """Every figure that the data allows; {name: paths, or the reason it was skipped}.
+
+    A store path that is not a readable store, or a store with damaged tasks, raises (a figure
+    is skipped only when the data lack what it plots). `out` must be a new or empty folder
+    unless `overwrite`."""
+    check_output_dir(out, overwrite=overwrite)
+    if isinstance(source, (str, Path)):
+        tables.open_store(source).tasks()  # foreign, corrupt or missing: one error, not N skips
     results: dict[str, list[Path] | str] = {}
     for name in names or list(FIGURES):
         f = FIGURES[name]
@@ -544,6 +664,8 @@ def make_all(source=None, out: str | Path = "figures-out", *, score: str = "helm
             continue
         try:
             results[name] = make_figure(name, source, out, score=score, command=command)
+        except CorruptDataError:
+            raise
         except AttnscopeError as exc:
             results[name] = f"skipped: {exc}"
     return results
@@ -559,6 +681,8 @@ def interactive_figures(source=None, score: str = "helmet_32k", names: list[str]
         try:
             for stem, data in f.data(source, score):
                 figs.append((name, stem, f.interactive(data, score)))
+        except CorruptDataError:
+            raise
         except AttnscopeError as exc:
             skipped[name] = str(exc)
     return figs, skipped
@@ -577,6 +701,7 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score", default="helmet_32k", help="score for the score figures (default helmet_32k)")
     p.add_argument("--registry-only", action="store_true", help="ignore any store (registry-only figures)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that has files")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = "python " + " ".join(shlex.quote(a) for a in [f"figures/fig_{name}.py", *argv])
@@ -584,9 +709,10 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
     if f.needs_store and source is None:
         p.error(f"figure {name!r} needs --store PATH")
     try:
+        check_output_dir(args.out, overwrite=args.overwrite)
         paths = make_figure(name, source, args.out, score=args.score, command=command)
     except AttnscopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)

@@ -34,12 +34,14 @@ def heatmap_figure(da: xr.DataArray, metric: str | None = None, *, title: str | 
 
 
 def metric_heatmap(ds: xr.Dataset, metric: str, path: str | Path, *, title: str | None = None,
-                   source: str = "") -> Path:
-    """Write a layer x head heatmap of `ds[metric]` to `path` (PNG or PDF by suffix)."""
+                   source: str = "", overwrite: bool = False) -> Path:
+    """Write a layer x head heatmap of `ds[metric]` to `path` (PNG or PDF by suffix); an existing
+    file is replaced only with `overwrite`."""
     da = ds[metric].assign_attrs(model=ds.attrs.get("model", ""))
     fig = heatmap_figure(da, metric, title=title, source=source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"Description": source} if path.suffix == ".png" else {"Subject": source}
-    fig.savefig(path, dpi=150, metadata=meta)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format=path.suffix[1:], dpi=150, metadata=meta)
     return path

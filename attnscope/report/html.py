@@ -12,6 +12,7 @@ import pandas as pd
 
 from attnscope.report import tables
 from attnscope.report.stats import StatsReport, run_analyses
+from attnscope.store.files import atomic_output, check_output_dir
 
 __all__ = ["build_report", "write_report", "render_html"]
 
@@ -75,25 +76,30 @@ def render_html(report: StatsReport, figures: list, *, command: str = "", skippe
 
 def write_report(source=None, out: str | Path = "attnscope-report", *, score: str = "helmet_32k",
                  revision: str = "final", probe: str | None = None, command: str = "", n_resamples: int = 9999,
-                 seed: int = 0, html_page: bool = True) -> dict[str, Path]:
-    """Write report.md, fits.csv, correlations.csv, models.csv, report.json and report.html."""
+                 seed: int = 0, html_page: bool = True, overwrite: bool = False) -> dict[str, Path]:
+    """Write report.md, fits.csv, correlations.csv, models.csv, report.json and report.html.
+
+    `out` must be a new or empty folder unless `overwrite` (then these files are replaced, each
+    atomically; other files stay)."""
     from attnscope.report.figures import interactive_figures
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, overwrite=overwrite)
     rep = build_report(source, score=score, revision=revision, probe=probe, n_resamples=n_resamples, seed=seed)
+    figs, skipped = interactive_figures(source, score) if html_page else ([], {})
     paths = {"markdown": out / "report.md", "fits_csv": out / "fits.csv",
              "correlations_csv": out / "correlations.csv", "models_csv": out / "models.csv",
              "json": out / "report.json"}
-    paths["markdown"].write_text(rep.to_markdown() + f"\n\nmade by: `{command}`\n", encoding="utf-8")
-    rep.fits_frame().to_csv(paths["fits_csv"], index=False)
-    rep.correlations_frame().to_csv(paths["correlations_csv"], index=False)
-    rep.table.to_csv(paths["models_csv"], index=False)
     d = rep.to_dict()
     d["command"] = command
-    paths["json"].write_text(json.dumps(d, indent=2), encoding="utf-8")
+    texts = {"markdown": rep.to_markdown() + f"\n\nmade by: `{command}`\n",
+             "fits_csv": rep.fits_frame().to_csv(index=False),
+             "correlations_csv": rep.correlations_frame().to_csv(index=False),
+             "models_csv": rep.table.to_csv(index=False), "json": json.dumps(d, indent=2)}
     if html_page:
-        figs, skipped = interactive_figures(source, score)
         paths["html"] = out / "report.html"
-        paths["html"].write_text(render_html(rep, figs, command=command, skipped=skipped), encoding="utf-8")
+        texts["html"] = render_html(rep, figs, command=command, skipped=skipped)
+    for name, text in texts.items():  # everything computed first: an error leaves no half report
+        with atomic_output(paths[name], overwrite=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return paths

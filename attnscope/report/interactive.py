@@ -15,8 +15,9 @@ from attnscope.report.figures import (QK_COLORS, QK_LABELS, _short, metric_label
 FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
 PATTERN_LIMIT = 400_000  # values embedded in one pattern viewer (a few MB of HTML)
 
-__all__ = ["score_vs_count", "indicator_effects", "score_vs_metric", "score_vs_sink", "score_vs_needle", "layer_profiles",
-           "head_heatmap", "needle_share", "checkpoints", "pattern_viewer"]
+__all__ = ["score_vs_count", "indicator_effects", "score_vs_metric", "score_vs_metrics", "score_vs_sink",
+           "score_vs_sinks", "score_vs_needle", "layer_profiles", "head_heatmap", "needle_share", "checkpoints",
+           "checkpoints_sink_rate", "query_profile", "pattern_viewer"]
 
 
 def _go():
@@ -114,8 +115,42 @@ def score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: str 
     return _layout(fig, f"{score_label(score)} vs {metric_label(metric)}", metric_label(metric), score_label(score))
 
 
+def score_vs_metrics(table: pd.DataFrame, score: str = "helmet_32k",
+                     metrics: Sequence[str] = ("sink_mass", "sink_rate")):
+    """Score vs each metric in side-by-side panels (shared score axis); hover: model, revision,
+    QK norm, metric, score."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    eps = table.attrs.get("sink_epsilon")
+    fig = make_subplots(rows=1, cols=len(metrics), shared_yaxes=True,
+                        subplot_titles=[metric_label(m).split(" (")[0] for m in metrics])
+    for j, metric in enumerate(metrics, start=1):
+        data = table.dropna(subset=[score, metric])
+        kinds = data["qk_norm"].map(qk_kind) if "qk_norm" in data else pd.Series("n/a", index=data.index)
+        for kind in QK_COLORS:
+            d = data[kinds == kind]
+            if d.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=d[metric], y=d[score], mode="markers", name=QK_LABELS[kind], legendgroup=kind,
+                showlegend=j == 1, marker=dict(color=QK_COLORS[kind], size=9),
+                customdata=_text_cols(d, ["model", "revision", "qk_norm"]),
+                hovertemplate="model %{customdata[0]}<br>revision %{customdata[1]}<br>QK norm %{customdata[2]}"
+                              f"<br>{metric} %{{x:.4f}}<br>{score} %{{y:.2f}}<extra></extra>"), row=1, col=j)
+        fig.update_xaxes(title_text=metric_label(metric, epsilon=eps), row=1, col=j)
+    fig.update_yaxes(title_text=score_label(score), row=1, col=1)
+    fig.update_layout(title=f"{score_label(score)} vs " + " and ".join(metric_label(m).split(" (")[0] for m in metrics),
+                      template="simple_white", font=FONT, legend=dict(font=dict(size=10)))
+    return fig
+
+
 def score_vs_sink(table, score="helmet_32k"):
     return score_vs_metric(table, score, "sink_mass")
+
+
+def score_vs_sinks(table, score="helmet_32k"):
+    return score_vs_metrics(table, score, ("sink_mass", "sink_rate"))
 
 
 def score_vs_needle(table, score="helmet_32k"):
@@ -196,8 +231,46 @@ def checkpoints(ckpts: pd.DataFrame, score: str | None = None, metric: str = "si
     order = sorted(dict.fromkeys(ckpts["revision"]), key=revision_order)
     df = ckpts.assign(revision=ckpts["revision"].replace("", "(none)"))
     fig = _lines(df, "revision", metric, f"{metric_label(metric).split(' (')[0]} across checkpoints",
-                 "checkpoint (revision)", metric_label(metric), hover_extra=("stage",))
+                 "checkpoint (revision)", metric_label(metric, epsilon=ckpts.attrs.get("sink_epsilon")),
+                 hover_extra=("stage",))
     fig.update_xaxes(categoryorder="array", categoryarray=[r or "(none)" for r in order])
+    return fig
+
+
+def checkpoints_sink_rate(ckpts: pd.DataFrame, score: str | None = None):
+    return checkpoints(ckpts, score, metric="sink_rate")
+
+
+def query_profile(profile: pd.DataFrame, score: str | None = None, *, title: str | None = None):
+    """Query-resolved metrics against query position, one panel per metric, one line per layer
+    group (a `tables.query_profile` table); hover: model, revision, layers, query bin, n, value."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    from attnscope.report.figures import _group_colours
+
+    metrics = list(dict.fromkeys(profile["metric"]))
+    groups = list(dict.fromkeys(profile["group"]))
+    colours = ["rgba({:.0f},{:.0f},{:.0f},1)".format(*(255 * np.array(c[:3]))) for c in _group_colours(len(groups))]
+    fig = make_subplots(rows=1, cols=len(metrics),
+                        subplot_titles=[f"{metric_label(m).split(' (')[0]} vs query position" for m in metrics])
+    for j, metric in enumerate(metrics, start=1):
+        d = profile[profile["metric"] == metric]
+        for colour, group in zip(colours, groups):
+            g = d[d["group"] == group].sort_values("query_position")
+            fig.add_trace(go.Scatter(
+                x=g["query_position"], y=g["value"], mode="lines+markers", name=group, legendgroup=group,
+                showlegend=j == 1, line=dict(color=colour),
+                customdata=_text_cols(g, ["model", "revision", "layers", "query_start", "query_end", "n_queries"]),
+                hovertemplate="model %{customdata[0]}<br>revision %{customdata[1]}<br>layers %{customdata[2]}"
+                              "<br>queries [%{customdata[3]}, %{customdata[4]}) (%{customdata[5]})"
+                              f"<br>{metric} %{{y:.4f}}<extra></extra>"), row=1, col=j)
+        fig.update_xaxes(title_text="query position (tokens, bin centre)", row=1, col=j)
+        fig.update_yaxes(title_text=metric_label(metric), row=1, col=j)
+    first = profile.iloc[0]
+    model, rev = str(first.get("model", "")), str(first.get("revision", "") or "")
+    fig.update_layout(title=title or f"{_short(model)}" + (f" @ {rev}" if rev else "") + ": by query position",
+                      template="simple_white", font=FONT, legend=dict(title="layers (head mean)", font=dict(size=10)))
     return fig
 
 

@@ -3,7 +3,7 @@
 Each fit regresses one long-context score on predictors, one row per model:
     score ~ harmful_count
     score ~ has_qk_norm + has_gqa + has_swa + has_short_ctx
-    score ~ <metric>            (sink_mass, needle_share: needs a store)
+    score ~ <metric>            (sink_mass, sink_rate, needle_share: needs a store)
     score ~ <metric> + harmful_count
 and reports R², adjusted R², leave-one-out cross-validated R² (predictions from refits),
 coefficients with confidence intervals, and n. Correlations give Pearson's r and Spearman's rho
@@ -26,7 +26,7 @@ from attnscope.errors import AttnscopeError
 from attnscope.report.tables import INDICATORS, SCORES
 
 DEFAULT_SCORE = "helmet_32k"
-DEFAULT_METRICS = ("sink_mass", "needle_share")
+DEFAULT_METRICS = ("sink_mass", "sink_rate", "needle_share")
 LOWER_IS_BETTER = {"longppl"}
 
 __all__ = ["Fit", "Correlation", "StatsReport", "ols", "loo_predictions", "loo_r2", "correlation",
@@ -315,7 +315,8 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     return "\n".join([head, sep, *body])
 
 
-TABLE_COLUMNS = ("model", "revision", "qk_norm", "harmful_count", "sink_mass", "needle_share", "entropy")
+TABLE_COLUMNS = ("model", "revision", "qk_norm", "harmful_count", "sink_mass", "sink_rate", "needle_share",
+                 "entropy")
 
 
 def run_analyses(table: pd.DataFrame, score: str = DEFAULT_SCORE, *, metrics: Sequence[str] = DEFAULT_METRICS,
@@ -341,6 +342,12 @@ def run_analyses(table: pd.DataFrame, score: str = DEFAULT_SCORE, *, metrics: Se
     if "in_registry" in table.columns and (~table["in_registry"]).any():
         notes.append("models outside OlmPool (no scores) are listed but not fitted: "
                      + ", ".join(map(str, table.loc[~table["in_registry"], "model"])))
+    if table.attrs.get("superseded"):
+        notes.append(f"{table.attrs['superseded']} task(s) of the store measured a grid point that a newer "
+                     "measurement (newer method, or with query bins) also measured; only the newer is read")
+    if "sink_rate" in table.columns and table["sink_rate"].notna().any():
+        notes.append(f"sink_rate: share of (task, seed, layer, head) with alpha_0 > "
+                     f"{table.attrs.get('sink_epsilon', 0.3):g} (Gu et al. 2025) at the tasks' lengths")
     fits = [ols(arch, score, ["harmful_count"], alpha=alpha, name=f"{score} ~ harmful_count{label}"),
             ols(arch, score, list(INDICATORS), alpha=alpha, name=f"{score} ~ four indicators{label}")]
     cors = [correlation(arch, "harmful_count", score, n_resamples=n_resamples, seed=seed)]

@@ -1,8 +1,10 @@
-"""An xarray Dataset <-> an HDF5 group, with h5py (schema in docs/store.md).
+"""An xarray Dataset <-> an HDF5 group, with h5py (schema and checksums: docs/store.md).
 
-Group layout (schema version 1):
-    attrs:  attnscope_kind = "result", attnscope_schema = 1, plus the Dataset's attrs
-    <var>:  one HDF5 dataset per data variable, attr `dims` = JSON list of dim names
+Group layout (result schema 2; schema 1 = the same without checksums, still read):
+    attrs:  attnscope_kind = "result", attnscope_schema = 2, plus the Dataset's attrs, and
+            attnscope_digest (SHA-256 over attributes, scalars and strings: store/checksum.py)
+    <var>:  one HDF5 dataset per data variable, attr `dims` = JSON list of dim names;
+            arrays carry HDF5's Fletcher-32 checksum filter
     coords/<name>: one HDF5 dataset per coordinate (strings stored as UTF-8)
 """
 
@@ -10,17 +12,25 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import xarray as xr
 
-from attnscope.errors import StoreError
+from attnscope.errors import CorruptDataError, StoreError
+from attnscope.store import checksum
+from attnscope.store.files import atomic_output, check_output_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULT_KIND = "result"
+# HDF5 >= 1.10 object formats: a single-chunk index instead of a B-tree per chunked dataset, so
+# the Fletcher-32 filter (which needs chunking) costs a few bytes, not kilobytes, per array
+LIBVER = ("v110", "latest")
+_INTERNAL_ATTRS = ("attnscope_kind", "attnscope_schema", checksum.DIGEST_ATTR)
+# what h5py raises on damaged files: OSError (a failed Fletcher-32 check, a bad header), others
+# on mangled metadata
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError)
 
 
 def _attr_value(value):
@@ -34,7 +44,8 @@ def _attr_value(value):
 
 
 def write_dataset(group: h5py.Group, ds: xr.Dataset) -> None:
-    """Write `ds` into an (empty) h5py group."""
+    """Write `ds` into an (empty) h5py group, with checksums (Fletcher-32 on arrays, a digest
+    over the rest)."""
     group.attrs["attnscope_kind"] = RESULT_KIND
     group.attrs["attnscope_schema"] = SCHEMA_VERSION
     for key, value in ds.attrs.items():
@@ -43,9 +54,8 @@ def write_dataset(group: h5py.Group, ds: xr.Dataset) -> None:
     for name, coord in ds.coords.items():
         values = coord.values
         if values.dtype.kind in "UO":
-            coords.create_dataset(name, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()))
-        else:
-            coords.create_dataset(name, data=values)
+            values = np.array([str(v) for v in values], dtype=h5py.string_dtype())
+        coords.create_dataset(name, data=values, fletcher32=checksum.filterable(values))
         coords[name].attrs["dims"] = json.dumps(list(coord.dims))
     for name, var in ds.data_vars.items():
         values = var.values
@@ -53,17 +63,45 @@ def write_dataset(group: h5py.Group, ds: xr.Dataset) -> None:
             values = np.array(values.astype(str).tolist(), dtype=h5py.string_dtype())
         big = var.size > 4096 and values.dtype.kind != "O"
         dset = group.create_dataset(name, data=values, compression="gzip" if big else None,
-                                    shuffle=big)
+                                    shuffle=big, fletcher32=checksum.filterable(values))
         dset.attrs["dims"] = json.dumps(list(var.dims))
         for key, value in var.attrs.items():
             dset.attrs[key] = _attr_value(value)
+    checksum.seal(group)
 
 
-def read_dataset(group: h5py.Group) -> xr.Dataset:
-    """Read a group written by `write_dataset` back into an xarray Dataset."""
+def describe_h5_error(exc: BaseException) -> str:
+    """One line for what h5py raised on reading damaged data."""
+    text = f"{type(exc).__name__}: {exc}".split("\n")[0]
+    if "filter returned failure" in text:
+        return f"array data failed its Fletcher-32 checksum ({text})"
+    return text
+
+
+def schema_of(group: h5py.Group) -> int:
+    return int(group.attrs.get("attnscope_schema", -1))
+
+
+def read_dataset(group: h5py.Group, *, what: str | None = None) -> xr.Dataset:
+    """Read a group written by `write_dataset` back into an xarray Dataset. Schema-2 groups are
+    checked against their checksums; any damage raises one CorruptDataError naming `what` (by
+    default the group) and the file."""
+    what = what or f"group {group.name!r}"
+    try:
+        return _read_dataset(group)
+    except (StoreError, checksum.DigestMismatch) as exc:
+        if isinstance(exc, StoreError) and not isinstance(exc, CorruptDataError):
+            raise
+        raise CorruptDataError(f"{what} in {group.file.filename} is corrupt: {exc}") from exc
+    except H5_ERRORS as exc:
+        raise CorruptDataError(f"{what} in {group.file.filename} cannot be read back (corrupt): "
+                               f"{describe_h5_error(exc)}") from exc
+
+
+def _read_dataset(group: h5py.Group) -> xr.Dataset:
     if group.attrs.get("attnscope_kind") != RESULT_KIND:
         raise StoreError(f"HDF5 group {group.name!r} in {group.file.filename} is not an attnscope result")
-    schema = int(group.attrs.get("attnscope_schema", -1))
+    schema = schema_of(group)
     if schema > SCHEMA_VERSION:
         raise StoreError(f"{group.file.filename} uses result schema {schema}; this attnscope reads "
                          f"up to {SCHEMA_VERSION}: upgrade attnscope")
@@ -83,31 +121,26 @@ def read_dataset(group: h5py.Group) -> xr.Dataset:
             values = np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[str])(values) \
                 if np.ndim(values) else np.array(values.decode() if isinstance(values, bytes) else values)
         data_vars[name] = (json.loads(dset.attrs["dims"]), values, attrs)
+    if schema >= 2:  # arrays were checked by Fletcher-32 as they were read; now the rest
+        checksum.check_group(group)
     attrs = {}
     for key, value in group.attrs.items():
-        if key in ("attnscope_kind", "attnscope_schema"):
+        if key in _INTERNAL_ATTRS:
             continue
         attrs[key] = value.item() if isinstance(value, np.generic) else value
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def save_result(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write one result to its own HDF5 file, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
+def save_result(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write one result to its own HDF5 file, atomically (a crash never leaves half a file).
+
+    An existing file is replaced only with `overwrite=True`, and a batch store never; a symlink
+    is written through. Returns `path`."""
+    real = check_output_file(path, overwrite=overwrite)
+    with atomic_output(real, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w", libver=LIBVER) as f:
             write_dataset(f, ds)
-            f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def open_h5(path: str | os.PathLike, mode: str = "r") -> h5py.File:
@@ -125,6 +158,10 @@ def open_h5(path: str | os.PathLike, mode: str = "r") -> h5py.File:
 def read_result(path: str | os.PathLike, group: str = "/") -> xr.Dataset:
     """Read a result file written by `save_result` (or one group of a store)."""
     with open_h5(path) as f:
-        if group not in f:
+        try:
+            present = group in f
+        except H5_ERRORS as exc:
+            raise CorruptDataError(f"{path} cannot be read back (corrupt): {describe_h5_error(exc)}") from exc
+        if not present:
             raise StoreError(f"{path} has no group {group!r}")
-        return read_dataset(f[group])
+        return read_dataset(f[group], what="the result" if group == "/" else f"group {group!r}")

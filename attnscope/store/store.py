@@ -1,15 +1,20 @@
 """The batch store: one HDF5 file of many task results, written so that no result is ever lost.
 
-Layout (store schema 1, documented in docs/batch.md):
+Layout (store schema 2, documented in docs/batch.md; schema 1 = the same without checksums,
+read-only since schema 2):
 
-    /                     attrs attnscope_kind = "store", attnscope_store_schema = 1, created,
-                          attnscope_version
-    /tasks/<key>          one finished task: a result group (attnscope.store.hdf5.write_dataset)
-                          whose attrs also carry the task identity (task_model, task_revision,
-                          task_probe, task_probe_hash, task_params, task_dtype) and provenance
-                          (device, versions, timings, doctor findings, attempts, finished)
+    /                     attrs attnscope_kind = "store", attnscope_store_schema = 2, created,
+                          attnscope_version, attnscope_digest (over the root's attributes)
+    /tasks/<key>          one finished task: a result group (attnscope.store.hdf5.write_dataset,
+                          Fletcher-32 on arrays + attnscope_digest) whose attrs also carry the task
+                          identity (task_model, task_revision, task_probe, task_probe_hash,
+                          task_params, task_dtype) and provenance (device, versions, timings, the
+                          doctor's verdict, attempts, finished)
     /failures/<key>       the last failure of a task that has no result: attrs task_* as above,
-                          error, traceback, attempts, finished
+                          error, traceback, attempts, finished, attnscope_digest
+    /quarantine/tasks/<key>, /quarantine/failures/<key>
+                          entries that failed their checksum, moved aside by a writer (never
+                          deleted, never read); their tasks are measured again
 
 Durability protocol (the proof is in docs/batch.md):
   1. A finished task is written to its own file `<store>.d/<key>.h5` under a temporary name,
@@ -19,8 +24,9 @@ Durability protocol (the proof is in docs/batch.md):
      the store is never added twice, so a crash between rename and deletion only leaves a
      redundant file that the next consolidation drops.
   3. A crash leaves only temporary files (ignored, cleaned up) and complete task files.
-Only one process writes (a lock file next to the store); readers see the store plus the pending
-task files.
+Only one process writes (a lock file next to the store's real path); readers see the store plus
+the pending task files. A writer first reads everything back (`verify`) and moves corrupt entries
+aside.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,18 +45,23 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from attnscope.errors import StoreError
-from attnscope.store.hdf5 import read_dataset, write_dataset
+from attnscope.errors import CorruptDataError, StoreError
+from attnscope.store import checksum
+from attnscope.store.files import (atomic_output, check_output_file, default_file_mode, fsync_dir,
+                                   fsync_file)
+from attnscope.store.hdf5 import H5_ERRORS, LIBVER, describe_h5_error, read_dataset, schema_of, write_dataset
 
 STORE_KIND = "store"
-STORE_SCHEMA = 1
+STORE_SCHEMA = 2
 TASKS = "tasks"
 FAILURES = "failures"
+QUARANTINE = "quarantine"
 TASK_ATTRS = ("task_model", "task_revision", "task_probe", "task_probe_hash", "task_params", "task_dtype",
               "task_method")
 _SUMMARY_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance")
 
-__all__ = ["Store", "StoreWriter", "open_store", "sidecar_dir", "STORE_SCHEMA"]
+__all__ = ["Store", "StoreWriter", "VerifyReport", "open_store", "upgrade_store", "sidecar_dir",
+           "STORE_SCHEMA"]
 
 
 def sidecar_dir(path: str | os.PathLike) -> Path:
@@ -59,31 +70,41 @@ def sidecar_dir(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".d")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
+_fsync_file = fsync_file
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+def _hint(path: Path) -> str:
+    return (f"`attnscope store verify {path}` lists every damaged task; `attnscope extract` into this "
+            "store moves them aside (nothing is deleted) and measures them again")
 
 
 def _check_store_file(f: h5py.File, path: Path) -> None:
     kind = f.attrs.get("attnscope_kind")
     if kind != STORE_KIND:
         what = f"an attnscope {kind!r} file" if kind else "an HDF5 file that attnscope did not write"
-        raise StoreError(f"{path} is {what}, not an attnscope batch store; refusing to use or overwrite "
-                         "it: pass another --out path")
-    schema = int(f.attrs.get("attnscope_store_schema", -1))
+        raise StoreError(f"{path} is {what}, not an attnscope batch store; attnscope neither uses it as a "
+                         "store nor overwrites it (for extract: pass another --out path)")
+    try:
+        schema = int(f.attrs.get("attnscope_store_schema", -1))
+    except (TypeError, ValueError):
+        schema = -1
     if schema > STORE_SCHEMA:
         raise StoreError(f"{path} uses store schema {schema}; this attnscope handles up to "
                          f"{STORE_SCHEMA}: upgrade attnscope")
     if schema < 1:
         raise StoreError(f"{path} has no valid store schema attribute; it is not a batch store")
+    if schema >= 2:
+        try:
+            checksum.check_attrs(f)
+        except checksum.DigestMismatch as exc:
+            raise CorruptDataError(f"{path}: the store's own attributes are corrupt ({exc}); attnscope "
+                                   "never overwrites it: move it away or pass another --out path") from None
+    missing = [g for g in (TASKS, FAILURES) if not isinstance(f.get(g), h5py.Group)]
+    if missing:
+        raise CorruptDataError(f"{path} is marked as an attnscope store but has no {'/'.join(missing)} "
+                               "group: damaged or not written by attnscope; attnscope never overwrites it: "
+                               "move it away or pass another --out path")
 
 
 def _open_store_file(path: Path) -> h5py.File:
@@ -98,7 +119,15 @@ def _open_store_file(path: Path) -> h5py.File:
     except StoreError:
         f.close()
         raise
+    except H5_ERRORS as exc:
+        f.close()
+        raise CorruptDataError(f"{path} is a damaged HDF5 file ({type(exc).__name__}: {exc}); attnscope "
+                               "never overwrites it: move it away or pass another --out path") from exc
     return f
+
+
+def _store_schema(f: h5py.File) -> int:
+    return int(f.attrs.get("attnscope_store_schema", -1))
 
 
 def _attr(value: Any) -> Any:
@@ -123,11 +152,20 @@ def _write_json_atomic(path: Path, data: dict) -> None:
             json.dump(data, fh, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def _write_failure(group: h5py.Group, record: dict) -> None:
+    for k, v in record.items():
+        if k == checksum.DIGEST_ATTR:
+            continue
+        group.attrs[k] = v if isinstance(v, (str, int, float, np.generic)) else json.dumps(v)
+    checksum.seal(group)
 
 
 @dataclass
@@ -154,17 +192,130 @@ def _pending_files(side: Path) -> list[_Pending]:
 def _new_store(path: Path) -> None:
     from attnscope import __version__
 
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", libver=LIBVER) as f:
         f.attrs["attnscope_kind"] = STORE_KIND
         f.attrs["attnscope_store_schema"] = STORE_SCHEMA
         f.attrs["attnscope_version"] = __version__
         f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        checksum.seal_attrs(f)
         f.create_group(TASKS)
         f.create_group(FAILURES)
 
 
+# ------------------------------------------------------------------------------- verification
+@dataclass
+class CorruptEntry:
+    """One entry that failed its checksum or could not be read back."""
+
+    key: str
+    where: str  # "tasks" | "failures" (in the store file) | "pending" (a file in <store>.d/)
+    file: Path
+    error: str
+
+
+@dataclass
+class VerifyReport:
+    """What `Store.verify()` read: `checked` entries passed their checksums, `unverified` ones
+    (schema 1, no checksums) were read back without error, `corrupt` lists the rest."""
+
+    path: Path
+    schema: int | None
+    checked: int = 0
+    unverified: int = 0
+    quarantined: int = 0
+    corrupt: list[CorruptEntry] = field(default_factory=list)
+    done: set = field(default_factory=set)  # keys with a readable result
+    failed: set = field(default_factory=set)  # keys with a readable failure record and no result
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: store schema {self.schema if self.schema is not None else '-'}; "
+               f"{self.checked} entr{'y' if self.checked == 1 else 'ies'} passed their checksums"
+               + (f", {self.unverified} read back without error but carry no checksums (schema 1: "
+                  "`attnscope store upgrade` writes a checksummed copy)" if self.unverified else "")
+               + (f"; {self.quarantined} moved aside earlier (/{QUARANTINE})" if self.quarantined else "")]
+        what = {TASKS: "task", FAILURES: "failure record", "pending": "pending task"}
+        for c in self.corrupt:
+            out.append(f"corrupt: {what[c.where]} {c.key} in {c.file}: {c.error}")
+        return out
+
+
+def _check_entry(g: h5py.Group, schema: int, *, failure: bool, deep: bool) -> bool:
+    """Check one task or failure group; True if a checksum was compared (False: schema 1)."""
+    if schema >= 2:
+        checksum.check_group(g, deep=deep)
+        return True
+    if deep and not failure:
+        read_dataset(g)
+    else:
+        dict(g.attrs)
+    return False
+
+
+def _verify(path: Path, side: Path) -> VerifyReport:
+    """Read every entry of the store and its pending files back (see Store.verify)."""
+    report = VerifyReport(path, None)
+    store_done: set[str] = set()
+    if path.exists():
+        with _open_store_file(path) as f:
+            report.schema = _store_schema(f)
+            try:
+                groups = [(where, key) for where in (TASKS, FAILURES) for key in f[where].keys()]
+                report.quarantined = sum(len(f[f"{QUARANTINE}/{w}"]) for w in (TASKS, FAILURES)
+                                         if f"{QUARANTINE}/{w}" in f)
+            except H5_ERRORS as exc:
+                raise CorruptDataError(f"{path}: the store's index of tasks is damaged ({type(exc).__name__}: "
+                                       f"{exc}); attnscope never overwrites it: move it away") from exc
+            for where, key in groups:
+                try:
+                    checked = _check_entry(f[f"{where}/{key}"], report.schema, failure=where == FAILURES,
+                                           deep=True)
+                except (*H5_ERRORS, StoreError, checksum.DigestMismatch) as exc:
+                    report.corrupt.append(CorruptEntry(key, where, path, _describe(exc)))
+                    continue
+                report.checked += checked
+                report.unverified += not checked
+                (store_done if where == TASKS else report.failed).add(key)
+    pending_failed = set()
+    for p in _pending_files(side):
+        try:
+            if p.failed:
+                record = json.loads(p.path.read_text(encoding="utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                pending_failed.add(p.key)
+                report.unverified += 1  # a JSON record: read back, no checksum
+                continue
+            with h5py.File(p.path, "r") as g:
+                checked = _check_entry(g, schema_of(g), failure=False, deep=True)
+        except (*H5_ERRORS, StoreError, checksum.DigestMismatch) as exc:
+            report.corrupt.append(CorruptEntry(p.key, "pending", p.path, _describe(exc)))
+            continue
+        report.checked += checked
+        report.unverified += not checked
+        store_done.add(p.key)
+    report.done = store_done
+    report.failed = (report.failed | pending_failed) - store_done
+    return report
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (checksum.DigestMismatch, StoreError)):
+        return str(exc)
+    return describe_h5_error(exc)
+
+
 class StoreWriter:
     """The single writer of a store: durable per-task commits plus journalled consolidation.
+
+    `path` may be relative or a symlink: the writer works on the real path (the lock is taken
+    there, a symlink is written through and stays a symlink). Opening reads the whole store back
+    (`Store.verify`): entries that fail their checksum are moved aside (`/quarantine` in the
+    store, `<key>.h5.corrupt` in `<store>.d/`; nothing is deleted) and count as not done, so the
+    batch measures them again; `quarantined` lists them.
 
     `consolidate_ratio`: pending task files are folded into the store when their size reaches
     this fraction of the store's size (at least `min_consolidate_bytes`), which keeps the total
@@ -176,14 +327,21 @@ class StoreWriter:
                  min_consolidate_bytes: int = 64 << 20):
         from filelock import FileLock, Timeout
 
-        self.path = Path(path).expanduser().absolute()
+        self.path = Path(path).expanduser().resolve()  # the real file: one lock whatever the alias
         self.side = sidecar_dir(self.path)
         self.consolidate_ratio = consolidate_ratio
         self.min_consolidate_bytes = min_consolidate_bytes
+        self.quarantined: list[CorruptEntry] = []
         if self.path.is_dir():
-            raise StoreError(f"--out {self.path} is a folder; give a file path such as {self.path / 'store.h5'}")
+            raise StoreError(f"--out {path} is a folder; give a file path such as {Path(path) / 'store.h5'}")
         if self.path.exists():
-            _open_store_file(self.path).close()  # corrupt or foreign: a clear error, never overwritten
+            with _open_store_file(self.path) as f:  # corrupt or foreign: a clear error, never overwritten
+                schema = _store_schema(f)
+            if schema < STORE_SCHEMA:
+                raise StoreError(f"{self.path} is a store of schema {schema} (written before stores had "
+                                 f"checksums); this attnscope reads it but adds nothing to it: "
+                                 f"`attnscope store upgrade {self.path} NEW.h5` writes a checksummed copy "
+                                 "to extract into")
         try:
             self.side.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.side, prefix=".write-test.", suffix=".tmp")
@@ -196,8 +354,13 @@ class StoreWriter:
         except Timeout:
             raise StoreError(f"another attnscope process is writing {self.path} (lock {self._lock.lock_file}); "
                              "only one writer per store: wait for it or use another --out") from None
-        self._cleanup_temporaries()
-        self._done, self._failed = self._scan()
+        try:
+            self._cleanup_temporaries()
+            self._quarantine_corrupt()
+            self._done, self._failed = self._scan()
+        except BaseException:
+            self._lock.release()
+            raise
         self._pending_bytes = sum(p.path.stat().st_size for p in _pending_files(self.side))
 
     # -- state ---------------------------------------------------------------------------------
@@ -207,6 +370,26 @@ class StoreWriter:
             p.unlink(missing_ok=True)
         for p in self.path.parent.glob(self.path.name + ".tmp-*"):
             p.unlink(missing_ok=True)
+
+    def _quarantine_corrupt(self) -> None:
+        """Read everything back; move what fails its checksum aside (never delete it)."""
+        report = _verify(self.path, self.side)
+        self.quarantined = list(report.corrupt)
+        in_store = []
+        for c in report.corrupt:
+            if c.where == "pending":
+                target = c.file.with_name(c.file.name + ".corrupt")
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = c.file.with_name(f"{c.file.name}.corrupt{n}")
+                os.replace(c.file, target)
+            else:
+                in_store.append((c.where, c.key))
+        if report.corrupt:
+            _fsync_dir(self.side)
+        if in_store:
+            self._rewrite([], quarantine=in_store)
 
     def _scan(self) -> tuple[set[str], set[str]]:
         done: set[str] = set()
@@ -237,9 +420,10 @@ class StoreWriter:
         fd, tmp = tempfile.mkstemp(dir=self.side, prefix=f"{key}.", suffix=".tmp")
         os.close(fd)
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", libver=LIBVER) as f:
                 write_dataset(f, ds)
             _fsync_file(Path(tmp))
+            os.chmod(tmp, default_file_mode())
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -269,15 +453,33 @@ class StoreWriter:
         pending = _pending_files(self.side)
         if not pending:
             return 0
+        self._rewrite(pending)
+        for p in pending:  # now redundant; a crash here leaves files the next pass skips
+            p.path.unlink(missing_ok=True)
+        self._pending_bytes = 0
+        return len(pending)
+
+    def _rewrite(self, pending: list[_Pending], quarantine: list[tuple[str, str]] = ()) -> None:
+        """The journalled copy: the store (or a new one) + pending files, corrupt entries moved to
+        /quarantine, renamed over the store in one step."""
         fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".tmp-")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             if self.path.exists():
                 shutil.copyfile(self.path, tmp)
+                mode = self.path.stat().st_mode & 0o777  # the store keeps the mode it has
             else:
                 _new_store(tmp)
-            with h5py.File(tmp, "a") as dst:
+                mode = default_file_mode()
+            with h5py.File(tmp, "a", libver=LIBVER) as dst:
+                for where, key in quarantine:  # a link move: the damaged bytes are not even read
+                    name, n = key, 1
+                    while f"{QUARANTINE}/{where}/{name}" in dst:
+                        n += 1
+                        name = f"{key}.{n}"
+                    dst.require_group(f"{QUARANTINE}/{where}")
+                    dst.move(f"{where}/{key}", f"{QUARANTINE}/{where}/{name}")
                 tasks, failures = dst[TASKS], dst[FAILURES]
                 for p in pending:
                     if p.failed or p.key in tasks:
@@ -292,19 +494,14 @@ class StoreWriter:
                     record = json.loads(p.path.read_text(encoding="utf-8"))
                     if p.key in failures:
                         del failures[p.key]
-                    g = failures.create_group(p.key)
-                    for k, v in record.items():
-                        g.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+                    _write_failure(failures.create_group(p.key), record)
             _fsync_file(tmp)
+            os.chmod(tmp, mode)
             os.replace(tmp, self.path)  # the commit point: the old store or the new one, never half
             _fsync_dir(self.path.parent)
         finally:
             if tmp.exists():
                 tmp.unlink()
-        for p in pending:  # now redundant; a crash here leaves files the next pass skips
-            p.path.unlink(missing_ok=True)
-        self._pending_bytes = 0
-        return len(pending)
 
     def close(self) -> None:
         try:
@@ -323,45 +520,82 @@ class StoreWriter:
 
 
 class Store:
-    """Read access to a batch store (plus its pending, not yet consolidated task files)."""
+    """Read access to a batch store (plus its pending, not yet consolidated task files).
+
+    Every read checks what it reads: a damaged task raises one CorruptDataError naming the task
+    and the file; `verify()` reads everything and lists each damaged entry."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser()
+        self.path = Path(path).expanduser().resolve()
         self.side = sidecar_dir(self.path)
         if not self.path.exists() and not _pending_files(self.side):
-            raise StoreError(f"no batch store at {self.path} (and no pending results in {self.side})")
+            raise StoreError(f"no batch store at {path} (and no pending results in {sidecar_dir(Path(path))})")
+        self.schema = STORE_SCHEMA
         if self.path.exists():
-            _open_store_file(self.path).close()
+            with _open_store_file(self.path) as f:
+                self.schema = _store_schema(f)
         self._table: pd.DataFrame | None = None
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, {len(self.tasks())} tasks)"
 
+    def verify(self) -> VerifyReport:
+        """Read every task and failure record (store and pending files) in full, checking each
+        against its checksums (Fletcher-32 on arrays, the digest on the rest). Returns a
+        VerifyReport; `.corrupt` names each damaged entry and its file. Raises StoreError only
+        when the file itself is unusable (not HDF5, not a store, a damaged task index)."""
+        return _verify(self.path, self.side)
+
+    def _corrupt(self, key: str, file, exc: BaseException) -> CorruptDataError:
+        return CorruptDataError(f"task {key} in {file} is corrupt ({_describe(exc)}); {_hint(self.path)}")
+
     # -- index ---------------------------------------------------------------------------------
     def _sources(self) -> Iterable[tuple[str, str, Any, bool, Path]]:
         """(key, status, attrs, pending, file) for every task: a result anywhere beats a failure,
         a pending failure beats an older consolidated one, and a consolidated result beats its
-        not yet deleted task file."""
+        not yet deleted task file. Each entry's digest is checked (not its arrays: `verify`)."""
         pending = _pending_files(self.side)
         pending_done = {p.key for p in pending if not p.failed}
         pending_failed = {p.key for p in pending if p.failed}
         store_done: set[str] = set()
         if self.path.exists():
             with _open_store_file(self.path) as f:
-                for key, g in f[TASKS].items():
-                    store_done.add(key)
-                    yield key, "done", dict(g.attrs), False, self.path
-                for key, g in f[FAILURES].items():
-                    if key not in store_done and key not in pending_done and key not in pending_failed:
-                        yield key, "failed", dict(g.attrs), False, self.path
+                schema = _store_schema(f)
+                try:
+                    task_keys, failure_keys = list(f[TASKS].keys()), list(f[FAILURES].keys())
+                except H5_ERRORS as exc:
+                    raise CorruptDataError(f"{self.path}: the store's index of tasks is damaged "
+                                           f"({_describe(exc)}); attnscope never overwrites it") from exc
+                for where, keys in ((TASKS, task_keys), (FAILURES, failure_keys)):
+                    for key in keys:
+                        if where == FAILURES and (key in store_done or key in pending_done
+                                                  or key in pending_failed):
+                            continue
+                        try:
+                            g = f[f"{where}/{key}"]
+                            _check_entry(g, schema, failure=where == FAILURES, deep=False)
+                            attrs = dict(g.attrs)
+                        except (*H5_ERRORS, checksum.DigestMismatch) as exc:
+                            raise self._corrupt(key, self.path, exc) from exc
+                        if where == TASKS:
+                            store_done.add(key)
+                        yield key, "done" if where == TASKS else "failed", attrs, False, self.path
         for p in pending:
             if p.key in store_done or (p.failed and p.key in pending_done):
                 continue
-            if p.failed:
-                yield p.key, "failed", json.loads(p.path.read_text(encoding="utf-8")), True, p.path
-            else:
+            try:
+                if p.failed:
+                    record = json.loads(p.path.read_text(encoding="utf-8"))
+                    if not isinstance(record, dict):
+                        raise ValueError("not a JSON object")
+                    yield p.key, "failed", record, True, p.path
+                    continue
                 with h5py.File(p.path, "r") as f:
-                    yield p.key, "done", dict(f.attrs), True, p.path
+                    _check_entry(f, schema_of(f), failure=False, deep=False)
+                    attrs = dict(f.attrs)
+            except (*H5_ERRORS, checksum.DigestMismatch) as exc:
+                raise self._corrupt(p.key, p.path, exc) from exc
+            yield p.key, "done", attrs, True, p.path
 
     def tasks(self) -> pd.DataFrame:
         """One row per task: key, status (done|failed), model, revision, probe, probe_hash, dtype,
@@ -403,9 +637,15 @@ class Store:
         return df[mask]
 
     def _read(self, row) -> xr.Dataset:
-        with h5py.File(row["_file"], "r") as f:
-            g = f[f"{TASKS}/{row['key']}"] if row["_file"] == str(self.path) else f["/"]
-            return read_dataset(g)
+        key, file = row["key"], row["_file"]
+        try:
+            with h5py.File(file, "r") as f:
+                g = f[f"{TASKS}/{key}"] if file == str(self.path) else f["/"]
+                return read_dataset(g, what=f"task {key}")
+        except CorruptDataError as exc:
+            raise CorruptDataError(f"{exc}; {_hint(self.path)}") from exc
+        except H5_ERRORS as exc:
+            raise self._corrupt(key, file, exc) from exc
 
     # -- data ----------------------------------------------------------------------------------
     def get(self, model: str, revision: str | None = None, probe: str | None = None, **params) -> xr.Dataset:
@@ -481,11 +721,42 @@ class Store:
                 return {a: _attr(v) for a, v in attrs.items()}
         raise StoreError(f"no failed task {key!r} in {self.path}")
 
+    def task(self, key: str) -> xr.Dataset:
+        """The result of the finished task `key` (a row of `tasks()`): reads one task also where a
+        grid point was measured more than once (e.g. by an older method), which `get` refuses."""
+        hits = self._match()
+        hits = hits[hits["key"] == key] if not hits.empty else hits
+        if hits.empty:
+            raise StoreError(f"no finished task {key!r} in {self.path}; see Store.tasks()")
+        return self._read(hits.iloc[0])
+
 
 _FIXED_COLUMNS = {"key", "status", "model", "revision", "probe", "probe_hash", "dtype", "method", "pending", "error",
                   "attempts", "_file"}
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open a batch store for reading: `.tasks()`, `.get(...)`, `.select(...)`, `.summary()`."""
+    """Open a batch store for reading: `.tasks()`, `.get(...)`, `.select(...)`, `.summary()`,
+    `.verify()`."""
     return Store(path)
+
+
+def upgrade_store(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Write a checksummed (schema 2) copy of the store `src` (any schema, pending files
+    included) to the new file `dst`; `src` is only read. Every task is read back in full on the
+    way (a damaged one stops the upgrade with its name). Returns the number of entries copied."""
+    store = Store(src)
+    real = check_output_file(dst, option="the upgraded store")
+    if real == store.path:
+        raise StoreError("upgrade writes a new file: give a destination other than the store itself")
+    n = 0
+    with atomic_output(real) as tmp:
+        _new_store(tmp)
+        with h5py.File(tmp, "a", libver=LIBVER) as out:
+            for key, status, attrs, _, file in list(store._sources()):
+                if status == "done":
+                    write_dataset(out[TASKS].create_group(key), store._read({"key": key, "_file": str(file)}))
+                else:
+                    _write_failure(out[FAILURES].create_group(key), {k: _attr(v) for k, v in attrs.items()})
+                n += 1
+    return n

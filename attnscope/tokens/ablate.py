@@ -23,6 +23,7 @@ from typing import Iterator
 
 from attnscope.capture.interface import ATTN_IMPLEMENTATION, AttentionEdit, register, set_edit, using_attnscope
 from attnscope.errors import SpecError
+from attnscope.validate import check_edit_layers
 
 __all__ = ["parse_ablation", "apply_ablation", "ablated", "current_edit"]
 
@@ -83,6 +84,15 @@ def parse_ablation(text: str | AttentionEdit) -> AttentionEdit:
                          drop_sinks=fields.get("nosink", 0), layers=layers)
 
 
+def _checked(model, edit) -> AttentionEdit:
+    """The edit parsed, with its layers checked against the model's (a layer beyond it is refused)."""
+    edit = parse_ablation(edit)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n_layers is not None:
+        check_edit_layers(edit.layers, int(n_layers), "the ablation")
+    return edit
+
+
 def current_edit(model) -> AttentionEdit | None:
     """The edit set on ``model``'s attention layers (None when there is none)."""
     return next((e for m in model.modules() if (e := getattr(m, "_attnscope_edit", None)) is not None), None)
@@ -100,7 +110,7 @@ def apply_ablation(model, edit: str | AttentionEdit | None):
     this is what ``compare``/``run_study`` do with ``ablate_b=``.
     """
     if edit is not None:
-        edit = parse_ablation(edit)
+        edit = _checked(model, edit)
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             register()
@@ -118,7 +128,7 @@ def ablated(model, edit: str | AttentionEdit | None) -> Iterator:
     """
     previous = current_edit(model)
     with using_attnscope(model):
-        set_edit(model, None if edit is None else parse_ablation(edit))
+        set_edit(model, None if edit is None else _checked(model, edit))
         try:
             yield model
         finally:

@@ -6,13 +6,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attnscope.store.files import atomic_output
+
 __all__ = ["plot_category_gaps", "plot_gap_vs_repeat"]
 
 
 def _save_mpl(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+        with atomic_output(p, overwrite=True) as tmp:  # the study's folder was checked up front
+            fig.savefig(tmp, format=p.suffix[1:], dpi=150, bbox_inches="tight")
     return paths
 
 
@@ -50,7 +53,8 @@ def plot_category_gaps(means: pd.DataFrame, stem, *, title: str = "Mean loss gap
     ))
     pfig.update_layout(title=title, xaxis_title=xlabel, height=25 * len(df) + 150)
     html = stem.with_suffix(".html")
-    pfig.write_html(html, include_plotlyjs="directory")
+    with atomic_output(html, overwrite=True) as tmp:
+        pfig.write_html(tmp, include_plotlyjs="directory")
     return paths + [html]
 
 
@@ -105,5 +109,6 @@ def plot_gap_vs_repeat(by_repeat: pd.DataFrame, stem, *, title: str = "Loss gap 
     pfig.update_layout(title=title, xaxis_title="repeat length (tokens)", yaxis_title=ylabel,
                        xaxis=dict(categoryorder="array", categoryarray=order))
     html = stem.with_suffix(".html")
-    pfig.write_html(html, include_plotlyjs="directory")
+    with atomic_output(html, overwrite=True) as tmp:
+        pfig.write_html(tmp, include_plotlyjs="directory")
     return paths + [html]

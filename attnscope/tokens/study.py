@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from attnscope.errors import AttnscopeError
+from attnscope.store.files import atomic_output, check_output_dir
 from attnscope.tokens.ablate import parse_ablation
 from attnscope.tokens.analysis import MIN_REPEAT, category_means, filtered_losses, gap_by_repeat, indicators, regress
 from attnscope.tokens.categories import annotate
@@ -24,16 +25,36 @@ MAIN_CATEGORIES = (
 )
 
 
+MIN_DOCUMENTS = 2  # CIs resample documents and the regression clusters errors by document
+
+
 def write_table(df: pd.DataFrame, stem: Path) -> Path:
-    """Parquet when pyarrow/fastparquet is installed, else gzipped CSV."""
+    """Parquet when pyarrow/fastparquet is installed, else gzipped CSV (written atomically)."""
     try:
         path = stem.with_suffix(".parquet")
-        df.to_parquet(path, index=False)
+        with atomic_output(path, overwrite=True) as tmp:
+            df.to_parquet(tmp, index=False)
         return path
     except ImportError:
         path = stem.with_suffix(".csv.gz")
-        df.to_csv(path, index=False)
+        with atomic_output(path, overwrite=True) as tmp:
+            df.to_csv(tmp, index=False, compression="gzip")
         return path
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_output(path, overwrite=True) as tmp:  # the study's folder was checked up front
+        tmp.write_text(text, encoding="utf-8")
+
+
+def check_documents(docs, source="the corpus") -> None:
+    """At least MIN_DOCUMENTS documents: with one, the bootstrap CIs collapse and the clustered
+    regression is undefined."""
+    n = len(docs)
+    if n < MIN_DOCUMENTS:
+        raise AttnscopeError(f"{source} holds {n} document(s); the token study needs at least {MIN_DOCUMENTS} "
+                             "(its CIs resample documents, its regression clusters errors by document): "
+                             "split the text into several files, or give a folder or a .jsonl")
 
 
 def _json_default(o):
@@ -59,7 +80,7 @@ def run_study(
     label_a: str = "A", label_b: str = "B",
     window: int = 2048, min_context: int = 512, batch_size: int = 4,
     tagger: str = "auto", min_repeat: int = MIN_REPEAT, n_boot: int = 1000, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, overwrite: bool = False,
 ) -> dict[str, Path]:
     """Compare two models token by token on ``documents`` and write everything to ``out``.
 
@@ -75,7 +96,8 @@ def run_study(
     Files: tokens.(parquet|csv.gz) (per-token table), category_means.csv,
     category_means_by_kind.csv (when documents have more than one kind),
     filtered_losses.csv, gap_by_repeat.csv, regression.md, regression.json,
-    figures gap_by_category.{png,pdf,html} and gap_vs_repeat.{png,pdf,html}.
+    figures gap_by_category.{png,pdf,html} and gap_vs_repeat.{png,pdf,html}. ``out`` must
+    be a new or empty folder unless ``overwrite``; at least two documents are needed.
     """
     model_a, tok_a = _unwrap(model_a, tok_a)
     model_b, tok_b = _unwrap(model_b, tok_b)
@@ -88,9 +110,10 @@ def run_study(
         far = edit.window
     if edit is not None and f"[{edit.describe()}]" not in label_b:
         label_b = f"{label_b} [{edit.describe()}]"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, overwrite=overwrite)
     docs = normalize_documents(documents)
+    check_documents(docs)
+    out.mkdir(parents=True, exist_ok=True)
     table = compare(model_a, model_b, tok_a, tok_b, docs, ablate_b=edit, window=window, min_context=min_context,
                     batch_size=batch_size, progress=progress)
     table = annotate(table, docs, tok_a, tagger=tagger)
@@ -102,7 +125,7 @@ def run_study(
     main = MAIN_CATEGORIES + (("repeated_near", "repeated_far") if far is not None else ())
     cats = [c for c in main if c == "all" or (c in ind and ind[c].any())]
     means = category_means(table, cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat, far=far)
-    means.to_csv(out / "category_means.csv", index=False)
+    _write(out / "category_means.csv", means.to_csv(index=False))
     paths["category_means"] = out / "category_means.csv"
     if kinds and table["doc_kind"].nunique() > 1:
         # prose, code and markup differ in what their categories mean: also per kind
@@ -113,13 +136,13 @@ def run_study(
             m = category_means(sub, k_cats, n_boot=n_boot, seed=seed, min_repeat=min_repeat, far=far)
             m.insert(0, "doc_kind", kind)
             per_kind.append(m)
-        pd.concat(per_kind).to_csv(out / "category_means_by_kind.csv", index=False)
+        _write(out / "category_means_by_kind.csv", pd.concat(per_kind).to_csv(index=False))
         paths["category_means_by_kind"] = out / "category_means_by_kind.csv"
     filt = filtered_losses(table, n_boot=n_boot, seed=seed, min_repeat=min_repeat, far=far)
-    filt.to_csv(out / "filtered_losses.csv", index=False)
+    _write(out / "filtered_losses.csv", filt.to_csv(index=False))
     paths["filtered_losses"] = out / "filtered_losses.csv"
     rep = gap_by_repeat(table, n_boot=n_boot, seed=seed, far=far)
-    rep.to_csv(out / "gap_by_repeat.csv", index=False)
+    _write(out / "gap_by_repeat.csv", rep.to_csv(index=False))
     paths["gap_by_repeat"] = out / "gap_by_repeat.csv"
 
     # regress on the categories that vary in this corpus
@@ -136,7 +159,7 @@ def run_study(
         "category_means": means.to_dict(orient="records"),
         "filtered_losses": filt.to_dict(orient="records"),
     }
-    (out / "regression.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    _write(out / "regression.json", json.dumps(summary, indent=2, default=_json_default))
     md = [
         f"# Token study: A = {label_a}, B = {label_b}",
         "",
@@ -157,7 +180,7 @@ def run_study(
         _md_table(filt),
         "",
     ]
-    (out / "regression.md").write_text("\n".join(md))
+    _write(out / "regression.md", "\n".join(md))
     paths["regression_md"] = out / "regression.md"
     paths["regression_json"] = out / "regression.json"
     for p in plot_category_gaps(means, out / "gap_by_category", label_a=label_a, label_b=label_b):

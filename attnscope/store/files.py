@@ -1,0 +1,149 @@
+"""Output files that never destroy what was there (docs/refusals.md, "Outputs").
+
+Rules, checked before any compute (`check_output_file`, `check_output_dir`) and again at the
+moment of writing (`atomic_output`):
+
+* an existing file is replaced only with `overwrite=True` (CLI `--overwrite`);
+* a batch store (or the pending results of one) is never replaced, not even with `overwrite`;
+* every file is written under a temporary name in its target folder, fsynced and renamed into
+  place, so a crash or an error leaves the old file or the new one, never half of one;
+* a path that is a symlink is written through: its target is replaced, the link stays;
+* new files get the mode the user's umask gives (`tempfile.mkstemp` alone would make them 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from attnscope.errors import OutputExistsError, StoreError
+
+__all__ = ["default_file_mode", "is_batch_store", "check_output_file", "check_output_dir",
+           "atomic_output", "fsync_dir", "fsync_file"]
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process umask: the mode `open()` would give a new file."""
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and put it straight back)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_batch_store(path: str | os.PathLike) -> bool:
+    """True for an HDF5 file marked as an attnscope batch store, or a path with pending store
+    results next to it (`<path>.d/`)."""
+    import h5py
+
+    path = Path(path)
+    side = path.with_name(path.name + ".d")
+    if side.is_dir() and any(p.suffix == ".h5" or p.name.endswith(".failed.json") for p in side.iterdir()):
+        return True
+    if not path.is_file():
+        return False
+    try:
+        if not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("attnscope_kind")
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return False
+    return (kind.decode() if isinstance(kind, bytes) else kind) == "store"
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_parent(shown: Path, real: Path, option: str) -> None:
+    base = _nearest_existing(real.parent)
+    if not base.is_dir():
+        raise OutputExistsError(f"{option} {shown}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{option} {shown}: cannot write in {base} (permission denied)")
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
+    """Check an output file path before any compute; return the real path to write (symlinks
+    resolved). Raises OutputExistsError (StoreError for a batch store) with a one-line reason."""
+    shown = Path(path).expanduser()
+    real = shown.resolve()
+    if real.is_dir():
+        raise OutputExistsError(f"{option} {shown} is a folder; give a file path such as {shown / 'result.h5'}")
+    if is_batch_store(real):
+        raise StoreError(f"{option} {shown} is an attnscope batch store; no command replaces a store "
+                         "(not even with --overwrite): choose another path")
+    if real.exists() or real.is_symlink():
+        if not real.is_file():
+            raise OutputExistsError(f"{option} {shown} exists and is not a regular file; choose another path")
+        if not overwrite:
+            raise OutputExistsError(f"{option} {shown} already exists; pass --overwrite to replace it "
+                                    "(or choose another path)")
+    _check_parent(shown, real, option)
+    return real
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
+    """Check an output folder before any compute: it must be absent or empty, or `overwrite` is
+    given (then files of the same names are replaced, other files are left alone)."""
+    shown = Path(path).expanduser()
+    real = shown.resolve()
+    if real.exists() and not real.is_dir():
+        raise OutputExistsError(f"{option} {shown} is a file; give a folder (created if missing)")
+    if real.is_dir() and not overwrite and any(real.iterdir()):
+        raise OutputExistsError(f"{option} {shown} is a folder that already has files; pass --overwrite to "
+                                "write into it (files of the same names are replaced) or choose a new folder")
+    _check_parent(shown, real, option)
+    return real
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path` (same suffix, so writers that infer the format
+    from it work); on normal exit it is fsynced, given the umask's mode and renamed over
+    `path`'s real target. On an error the temporary file is removed and `path` is untouched."""
+    real = Path(path).expanduser().resolve()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp" + real.suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    keep = False
+    try:
+        yield tmp_path
+        fsync_file(tmp_path)
+        os.chmod(tmp_path, default_file_mode())
+        if real.exists() and (not overwrite or is_batch_store(real)):
+            # taken while we computed: neither file is lost, the new one keeps its temporary name
+            keep = True
+            what = "is an attnscope batch store" if is_batch_store(real) else "appeared while attnscope was computing"
+            raise OutputExistsError(f"{real} {what}; not replaced: the new result is in {tmp_path}")
+        os.replace(tmp_path, real)
+        fsync_dir(real.parent)
+    finally:
+        if not keep:
+            tmp_path.unlink(missing_ok=True)
