@@ -114,3 +114,23 @@ def test_cli_query_bins_json(tmp_path):
     out = json.loads(res.stdout)
     assert len(out["query_bins"]) == 4 and out["dims"]["sink_mass_by_query"][-1] == "query_bin"
     assert None in out["metrics"]["sink_mass_by_query"][0][0]  # empty bins are null, not NaN
+
+
+def test_run_probe_natural_text_query_bins(tmp_path, single_thread):
+    """run_probe passes query_bins to each prompt's analysis: per length, the same numbers as
+    analyze on that prompt, with the bin starts kept per prompt."""
+    from attnscope.probing.builder import build_prompts
+    from attnscope.probing.spec import load_spec
+    from attnscope.testing import make_tiny_model
+
+    lm = attnscope.load(str(make_tiny_model("olmo3", tmp_path / "m")))
+    spec_file = tmp_path / "nat.toml"
+    spec_file.write_text('name = "nat"\ntask = "natural_text"\n[grid]\nlengths = [64, 96]\n'
+                         'depths = [0.0]\n[haystack]\ntype = "prose"\n')
+    grid = attnscope.run_probe(lm, str(spec_file), query_bins=4)
+    assert json.loads(grid.attrs["attention_kernels"])  # provenance kept in the grid
+    for p in build_prompts(load_spec(spec_file), lm.tokenizer, max_context=lm.max_positions):
+        alone = attnscope.analyze(lm, token_ids=p.token_ids, query_bins=4)
+        cell = grid.sel(length=p.length, depth=p.depth_requested, seed=p.seed)
+        np.testing.assert_array_equal(cell.query_bin_start.values, alone.query_bin.values)
+        np.testing.assert_allclose(cell.entropy_by_query.values, alone.entropy_by_query.values, atol=1e-6)

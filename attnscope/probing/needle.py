@@ -183,6 +183,7 @@ class NiahMeasurement:
     step_share: np.ndarray | None = None  # [step, span, layer, head] (greedy answer mode)
     step_uniform: np.ndarray | None = None  # [step, span]
     answer_steps: list[int] | None = None  # decoding steps in the greedy answer set
+    kernels: dict[int, str] | None = None  # layer -> attention kernel of the prompt's forward
 
     def retrieval_score(self, count: str = "steps", span: str = "needle_value") -> np.ndarray:
         """[layer, head] retrieval score of this trial (docs/probes.md, "Retrieval heads")."""
@@ -278,7 +279,7 @@ def measure_niah(lm, prompt: Prompt, *, layers: Sequence[int] | None = None, sin
                         answer_queries=len(groups.get("answer", ())),
                         sink_mass=_stack({k: v[0]["sink_mass"] for k, v in sink.results.items()},
                                          layer_ids),
-                        sink_tokens=sink_tokens, prompt_passes=passes)
+                        sink_tokens=sink_tokens, prompt_passes=passes, kernels=dict(sink.kernels))
     if greedy:
         m.generated = greedy["generated"]
         m.text = tokenizer.decode(m.generated, skip_special_tokens=True)
@@ -363,14 +364,17 @@ def run_probe(lm, spec: ProbeSpec | str, *, lengths: Sequence[int] | None = None
               depths: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
               decode: bool = True, layers: Sequence[int] | None = None,
               sink_tokens: int = 4, answer_mode: str = "greedy", retrieval_count: str = "steps",
-              retrieval_span: str = "needle_value", max_new_tokens: int | None = None) -> xr.Dataset:
+              retrieval_span: str = "needle_value", max_new_tokens: int | None = None,
+              query_bins: int | None = None) -> xr.Dataset:
     """Run a probe's grid on a loaded model; dims (length, depth, seed, ...) + per-prompt results.
 
     NIAH probes give `needle_share` (length, depth, seed, query_set, span, layer, head),
     `uniform_share`, `sink_mass`, `answer_queries` and, with decode=True, `retrieval_score`,
     `retrieval_heads`, `correct` and `generated`, from one forward over each prompt with
     answer_mode="greedy" (see measure_niah; definitions and defaults in docs/probes.md).
-    Natural-text probes give the core streaming metrics per (length, depth, seed).
+    Natural-text probes give the core streaming metrics per (length, depth, seed); with
+    query_bins=N also per bin of query position (`<metric>_by_query`; `query_bin` is then the bin
+    index, since lengths differ, and `query_bin_start` holds each prompt's bin starts).
     """
     import attnscope
 
@@ -389,10 +393,17 @@ def run_probe(lm, spec: ProbeSpec | str, *, lengths: Sequence[int] | None = None
                     for p in prompts]
         return niah_grid(lm, spec, measured, retrieval_count=retrieval_count,
                          retrieval_span=retrieval_span, max_new_tokens=max_new_tokens)
-    parts = [attnscope.analyze(lm, token_ids=p.token_ids, layers=layers, sink_tokens=sink_tokens)
+    parts = [attnscope.analyze(lm, token_ids=p.token_ids, layers=layers, sink_tokens=sink_tokens,
+                               query_bins=query_bins)
              for p in prompts]
+    kernels = json.loads(parts[0].attrs["attention_kernels"])
     parts = [ds.drop_vars([v for v in ds.data_vars if v == "distance_profile"]) for ds in parts]
-    return _grid(lm, spec, prompts, parts, sink_tokens=sink_tokens)
+    if query_bins is not None:  # bin starts differ with the length: index them, keep the starts
+        parts = [ds.assign(query_bin_start=("query_bin", ds.query_bin.values))
+                 .assign_coords(query_bin=np.arange(query_bins)) for ds in parts]
+    out = _grid(lm, spec, prompts, parts, sink_tokens=sink_tokens)
+    out.attrs["attention_kernels"] = json.dumps(kernels)
+    return out
 
 
 def niah_grid(lm, spec: ProbeSpec, measured: Sequence[NiahMeasurement], *,
@@ -411,6 +422,7 @@ def niah_grid(lm, spec: ProbeSpec, measured: Sequence[NiahMeasurement], *,
         "retrieval_threshold": RETRIEVAL_THRESHOLD,
         "max_new_tokens": max_new_tokens or f"answer tokens + {EXTRA_DECODE_STEPS}",
         "prompt_passes": max(m.prompt_passes for m in measured),  # forwards over each prompt
+        "attention_kernels": json.dumps({str(k): v for k, v in sorted((measured[0].kernels or {}).items())}),
     })
     return out
 
