@@ -14,14 +14,40 @@ from rich.console import Console
 from rich.table import Table
 
 from attnscope.errors import AttnscopeError
+from attnscope.models.names import resolve_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Exact attention statistics for Hugging Face causal LMs, at long context.")
 console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import attnscope
+
+        typer.echo(f"attnscope {attnscope.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit")) -> None:
+    """Exact attention statistics for Hugging Face causal LMs, at long context."""
+
+
+def _quiet(quiet: bool) -> None:
+    """--quiet: no progress bars (automatic bars appear only on a terminal or in a notebook)."""
+    from attnscope import progress
+
+    progress.set_default(False if quiet else None)
+
+
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines")
+_MODEL_HELP = "'smollm2', an OlmPool name or unique prefix, a Hub id, a local folder or a .gguf file"
+
+
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)  # one line, unwrapped
     raise typer.Exit(2)
 
 
@@ -58,7 +84,7 @@ def _quiet_transformers() -> None:
 
 @app.command()
 def analyze(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
     text_file: Path = typer.Option(..., "--text-file", "-f", help="UTF-8 text to analyse"),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
     max_tokens: Optional[int] = typer.Option(None, help="Analyse only the first N tokens"),
@@ -75,6 +101,7 @@ def analyze(
                                          help="attention edit: window:W[,sinks:K], nosink:K, [,layers:0-3+9]"),
     out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
+    quiet: bool = _QUIET,
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
@@ -82,10 +109,12 @@ def analyze(
     from attnscope.tokens.ablate import apply_ablation, parse_ablation
 
     _quiet_transformers()
+    _quiet(quiet)
     try:
         edit = parse_ablation(ablate) if ablate else None
         if not text_file.is_file():
             raise AttnscopeError(f"no such text file: {text_file}")
+        resolve_name(model)  # an unknown name fails here, before anything loads
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         if lm.tokenizer is None:
@@ -137,31 +166,40 @@ def _print_summary(ds, top: int = 10) -> None:
 def demo(
     out: Path = typer.Option(Path("attnscope-demo"), help="Folder for the demo's outputs"),
     tokens: int = typer.Option(2048, help="Tokens of real English prose to analyse"),
+    quiet: bool = _QUIET,
 ):
     """The main job on the embedded model: sinks of SmolLM2 on real English prose."""
     import attnscope
+    from attnscope.extras import missing
     from attnscope.probing.texts import prose
-    from attnscope.report.heatmap import metric_heatmap
     from attnscope.store.hdf5 import save_result
 
     _quiet_transformers()
+    _quiet(quiet)
+    say = (lambda *a: None) if quiet else console.print
+    png = None
     try:
-        console.print("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
+        say("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
         lm = attnscope.load("smollm2")
         ids = lm.tokenizer(prose())["input_ids"][:tokens]
-        console.print(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
+        say(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
         ds = attnscope.analyze(lm, token_ids=ids)
         out.mkdir(parents=True, exist_ok=True)
         result = save_result(ds, out / "smollm2_prose.h5")
         command = f"attnscope demo --out {out} --tokens {tokens}"
-        png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
-                             title=f"SmolLM2-135M-Instruct\nmass on the first 4 tokens\n"
-                                   f"({len(ids)} tokens of prose)",
-                             source=f"store: {result}; made by: {command}")
+        if not missing("plot"):
+            from attnscope.report.heatmap import metric_heatmap
+
+            png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
+                                 title=f"SmolLM2-135M-Instruct\nmass on the first 4 tokens\n"
+                                       f"({len(ids)} tokens of prose)",
+                                 source=f"store: {result}; made by: {command}")
     except AttnscopeError as exc:
         _fail(exc)
     _print_summary(ds)
-    Console().print(f"wrote {result} and {png}")
+    Console().print(f"wrote {result}" + (f" and {png}" if png else ""))
+    if png is None:
+        console.print("no heatmap: matplotlib is not installed (pip install 'attnscope[plot]')")
 
 
 _out = Console(width=None if Console().is_terminal else 160)
@@ -261,7 +299,7 @@ def _short(value) -> str:
 
 @app.command("doctor")
 def doctor_cmd(
-    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file or 'smollm2'"),
+    model: str = typer.Argument(..., help=_MODEL_HELP),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the model's own code to run"),
@@ -330,8 +368,8 @@ def _ints(s: Optional[str]) -> Optional[list[int]]:
 
 @app.command("probe")
 def probe_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
-    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    spec: str = typer.Option(..., "--spec", help="a shipped probe's name (`attnscope probes`) or a spec TOML file"),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 file for the result"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
@@ -341,17 +379,22 @@ def probe_cmd(
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = _QUIET,
 ) -> None:
     """Run a probe's length x depth grid: needle share per layer and head, retrieval heads, answers."""
     import attnscope
     from attnscope.probing.needle import run_probe
+    from attnscope.probing.spec import load_spec
     from attnscope.store.hdf5 import save_result
 
     _quiet_transformers()
+    _quiet(quiet)
     try:
+        probe_spec = load_spec(spec)  # a bad spec or model name fails before anything loads
+        resolve_name(model)
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
-        ds = run_probe(lm, str(spec), lengths=_ints(lengths), depths=_floats(depths),
+        ds = run_probe(lm, probe_spec, lengths=_ints(lengths), depths=_floats(depths),
                        seeds=_ints(seeds), decode=not no_decode)
         save_result(ds, out)
     except AttnscopeError as exc:
@@ -378,9 +421,9 @@ def probe_cmd(
 
 @app.command("probe-build")
 def probe_build(
-    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    spec: str = typer.Option(..., "--spec", help="a shipped probe's name (`attnscope probes`) or a spec TOML file"),
     tokenizer: str = typer.Option(..., "--tokenizer", "--model-tokenizer",
-                                  help="'smollm2', a .gguf, a tokenizer.json or a local model folder"),
+                                  help="a model name (as for --model) or a tokenizer.json"),
     lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
     depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
@@ -413,6 +456,30 @@ def probe_build(
     Console().print(table)
 
 
+@app.command("probes")
+def probes_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print JSON records"),
+) -> None:
+    """List the probe specs shipped with attnscope (use a name wherever a spec is accepted)."""
+    from attnscope.probing.catalog import list_probes
+
+    try:
+        infos = list_probes()
+    except AttnscopeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([{"name": p.name, "task": p.task, "lengths": list(p.lengths),
+                                "depths": list(p.depths), "seeds": list(p.seeds),
+                                "description": p.description, "path": p.path} for p in infos], indent=1))
+        return
+    table = Table(title=f"{len(infos)} shipped probes (attnscope probe --spec NAME; extract --probes NAME)")
+    for col in ("name", "task", "grid", "description"):
+        table.add_column(col, overflow="fold", no_wrap=col == "name")
+    for p in infos:
+        table.add_row(p.name, p.task, p.grid, p.description)
+    _out.print(table)
+
+
 def _load_model(name: str):
     """(model, tokenizer) through attnscope.load."""
     import attnscope
@@ -423,7 +490,7 @@ def _load_model(name: str):
 
 @app.command()
 def tokens(
-    model_a: str = typer.Option(..., "--model-a", help="model A (the reference): name, folder or .gguf file"),
+    model_a: str = typer.Option(..., "--model-a", help="model A (the reference): " + _MODEL_HELP),
     model_b: Optional[str] = typer.Option(None, "--model-b", help="model B; default: model A (use with --ablate-b)"),
     corpus: Path = typer.Option(..., "--corpus", help=".jsonl (text[, id, kind]), a text file, or a folder of files"),
     out: Path = typer.Option(..., "--out", help="output folder"),
@@ -438,17 +505,25 @@ def tokens(
     n_boot: int = typer.Option(1000, help="bootstrap replicates"),
     seed: int = typer.Option(0, help="bootstrap seed"),
     max_docs: Optional[int] = typer.Option(None, help="use only the first N documents"),
+    quiet: bool = _QUIET,
 ):
     """Compare two models token by token: gap = loss_A - loss_B (> 0: B better), by token category."""
+    from attnscope.extras import require
     from attnscope.tokens import parse_ablation, read_corpus, run_study
 
+    _quiet(quiet)
     try:
+        require("attnscope tokens (regressions and figures)", "stats", "plot")
         spec = parse_ablation(ablate_b) if ablate_b else None
+        resolve_name(model_a)
+        if model_b is not None:
+            resolve_name(model_b)
         _quiet_transformers()
         docs, kinds = read_corpus(corpus)
         if max_docs is not None:
             docs = dict(list(docs.items())[:max_docs])
-        console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
+        if not quiet:
+            console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
         ma, ta = _load_model(model_a)
         if model_b is None or model_b == model_a:
             # B = A: run_study scores A, then sets the edit on the same model (no weight copy)
@@ -503,6 +578,9 @@ def report_cmd(
     if store is None and not registry_only:
         _fail(AttnscopeError("give --store PATH, or --registry-only for the architecture-only analyses"))
     try:
+        from attnscope.extras import require
+
+        require("attnscope report", "stats", "plot")
         command = _command_line("report", store=None if registry_only else store, out=out, score=score,
                                 registry_only=registry_only, revision=None if revision == "final" else revision,
                                 probe=probe, n_resamples=None if n_resamples == 9999 else n_resamples,
@@ -528,12 +606,15 @@ def figures_cmd(
     only: Optional[str] = typer.Option(None, help="comma-separated figure names (default: all)"),
 ):
     """Every paper figure as PDF + PNG with a JSON sidecar (store and command in the metadata)."""
-    from attnscope.report.figures import FIGURES, make_all
-
     if store is None and not registry_only:
         _fail(AttnscopeError("give --store PATH, or --registry-only for the registry-only figures"))
     names = [n.strip() for n in only.split(",")] if only else None
     try:
+        from attnscope.extras import require
+
+        require("attnscope figures", "plot", "stats")
+        from attnscope.report.figures import FIGURES, make_all
+
         if names:
             unknown = [n for n in names if n not in FIGURES]
             if unknown:
@@ -559,7 +640,8 @@ def extract_cmd(
     revisions: list[str] = typer.Option(["final"], "--revisions", "-r",
                                         help="final | pre | post | all | names (comma-separated); "
                                              "'pre,post' = step34000,longcontext-step2385"),
-    probes: list[Path] = typer.Option(..., "--probes", "-p", help="probe spec files (repeatable)"),
+    probes: list[str] = typer.Option(..., "--probes", "-p",
+                                     help="shipped probe names (`attnscope probes`) or spec files (repeatable)"),
     out: Path = typer.Option(..., "--out", "-o", help="the HDF5 store (created, or resumed)"),
     executor: str = typer.Option("local", help="local | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local Ray)"),
@@ -574,11 +656,11 @@ def extract_cmd(
     """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
 
     Exit code 0: every task has a result; 1: some tasks failed (listed); 2: bad input."""
-    from attnscope.batch.extract import describe_plan, extract
+    from attnscope.batch.extract import describe_plan, extract, group_failures
 
     _quiet_transformers()
     try:
-        report = extract(models, revisions, [str(p) for p in probes], out, executor=executor,
+        report = extract(models, revisions, list(probes), out, executor=executor,
                          ray_address=ray_address, dtype=dtype, device=device, retries=retries,
                          dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress)
     except AttnscopeError as exc:
@@ -590,11 +672,15 @@ def extract_cmd(
     _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
                f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
     if report.failures:
-        table = Table(title=f"{len(report.failures)} failed task(s) (tracebacks: attnscope.open_store(...).failure(key))")
-        for col in ("task", "key", "attempts", "error"):
-            table.add_column(col)
-        for f in report.failures:
-            table.add_row(f.label, f.key, str(f.attempts), f.error[:300])
+        groups = group_failures(report.failures)
+        table = Table(title=f"{len(report.failures)} failed task(s), {len(groups)} distinct cause(s) "
+                            "(tracebacks: attnscope.open_store(...).failure(key))")
+        for col in ("cause", "tasks", "checkpoints", "first task (key)"):
+            table.add_column(col, overflow="fold")
+        for g in groups:
+            cps = g.checkpoints
+            shown = ", ".join(cps[:3]) + (f" +{len(cps) - 3} more" if len(cps) > 3 else "")
+            table.add_row(g.cause[:300], str(len(g.tasks)), shown, f"{g.tasks[0].label} ({g.tasks[0].key})")
         _out.print(table)
         raise typer.Exit(1)
 

@@ -14,7 +14,7 @@ from reference import eager_maps
 @pytest.fixture(scope="module")
 def grid(smollm2):
     """Four single-needle trials at ~1K tokens (2 depths x 2 seeds), with greedy decoding."""
-    return run_probe(smollm2, "probes/niah_single.toml", lengths=[1024], depths=[0.25, 0.75],
+    return run_probe(smollm2, "niah_single", lengths=[1024], depths=[0.25, 0.75],
                      seeds=[0, 1])
 
 
@@ -38,7 +38,7 @@ def test_smollm2_retrieves_the_needle_with_needle_heads(grid):
 
 
 def test_control_without_needle_has_no_needle_heads(smollm2, grid):
-    spec = load_spec("probes/niah_single.toml")
+    spec = load_spec("niah_single")
     p = build_prompts(spec, smollm2.tokenizer, lengths=[1024], depths=[0.25], seeds=[0])[0]
     n0, n1 = p.spans["needle"]
     ids = list(p.token_ids)
@@ -54,7 +54,7 @@ def test_control_without_needle_has_no_needle_heads(smollm2, grid):
 
 
 def test_needle_share_equals_eager(smollm2):
-    spec = load_spec("probes/niah_single.toml")
+    spec = load_spec("niah_single")
     p = build_prompts(spec, smollm2.tokenizer, lengths=[1024], depths=[0.5], seeds=[0])[0]
     ds = needle_share(smollm2, p)
     answer = smollm2.tokenizer(" " + p.answer[0], add_special_tokens=False)["input_ids"]

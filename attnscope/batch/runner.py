@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 from attnscope.batch.plan import ModelRef, Task
 from attnscope.batch.tasks import TaskCache, run_task
+from attnscope.errors import AttnscopeError
 
 Emit = Callable[[str, Task | None, str], None]  # (stage, task, label)
 
@@ -98,9 +99,11 @@ def run_group(model: ModelRef, revision: str | None, tasks: list[Task], options:
         except Exception as exc:
             load_error = (f"loading {label} failed: {_describe(exc)}", traceback.format_exc())
             free_memory()
+            if isinstance(exc, AttnscopeError):
+                break  # a clear cause (unknown name, offline, remote code, ...): retrying cannot help
     if lm is None:
         for t in tasks:
-            yield Outcome(t.key, False, error=load_error[0], traceback=load_error[1], attempts=attempts)
+            yield Outcome(t.key, False, error=load_error[0], traceback=load_error[1], attempts=attempt + 1)
         return
     try:
         findings = doctor_findings(lm)

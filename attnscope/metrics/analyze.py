@@ -13,6 +13,7 @@ import xarray as xr
 from attnscope.capture.interface import layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
+from attnscope.progress import bar as progress_bar
 from attnscope.metrics.reductions import (
     ALL_METRICS,
     DEFAULT_METRICS,
@@ -82,6 +83,7 @@ def analyze(
     max_tokens: int | None = None,
     pattern_limit_bytes: int = PATTERN_LIMIT_BYTES,
     backend: str | None = None,
+    progress: bool | None = None,
 ) -> xr.Dataset:
     """Exact attention statistics per layer and query head of `model` on `text`.
 
@@ -92,6 +94,7 @@ def analyze(
     `model` may also be a TransformerLens `TransformerBridge` or an nnsight model; `backend`
     ("native", "transformer_lens", "nnsight"; default: the model's own kind, native for a
     LoadedModel or transformers model) says where attention is read from (docs/backends.md).
+    `progress`: a per-layer bar (None: in a terminal or notebook only; see attnscope.progress).
     """
     source = _resolve(model, tokenizer, backend)
     hf_model, tokenizer, name, revision = source.hf_model, source.tokenizer, source.name, source.revision
@@ -142,8 +145,10 @@ def analyze(
         attention_mask[b, longest - len(s):] = 1
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
                              max_length=longest)
-    source.run(recorder, input_ids.to(device),
-               attention_mask.to(device) if len(seqs) > 1 else None)
+    wanted = sum(recorder.wants(i) for i in range(n_layers))
+    with progress_bar(wanted, f"{name}: {longest} tokens", unit="layer", progress=progress) as bar:
+        source.run(bar.watch(recorder), input_ids.to(device),
+                   attention_mask.to(device) if len(seqs) > 1 else None)
     if not recorder.results:
         raise AttnscopeError(
             f"{type(hf_model).__name__} produced no attention through attnscope's attention "

@@ -29,6 +29,7 @@ from attnscope.errors import AttnscopeError
 from attnscope.metrics.reductions import keyset_probs
 from attnscope.probing.builder import Prompt, build_prompts
 from attnscope.probing.spec import ProbeSpec, load_spec
+from attnscope.progress import track
 
 QUERY_SETS = ("question", "final", "answer")
 NEEDLE_SPANS = ("needle_value", "needle_key")
@@ -157,23 +158,25 @@ def retrieval_scores(lm, prompt: Prompt, *, max_new_tokens: int | None = None,
 def run_probe(lm, spec: ProbeSpec | str, *, lengths: Sequence[int] | None = None,
               depths: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
               decode: bool = True, layers: Sequence[int] | None = None,
-              sink_tokens: int = 4) -> xr.Dataset:
+              sink_tokens: int = 4, progress: bool | None = None) -> xr.Dataset:
     """Run a probe's grid on a loaded model; dims (length, depth, seed, ...) + per-prompt results.
 
     NIAH probes give `needle_share` (length, depth, seed, query_set, span, layer, head),
     `uniform_share`, `sink_mass` and, with decode=True, `retrieval_score` and `correct`.
     Natural-text probes give the core streaming metrics per (length, depth, seed).
+    `spec` is a ProbeSpec, a spec file or a shipped probe's name ("niah_single"); `progress`: a
+    per-prompt bar (None: in a terminal or notebook only; see attnscope.progress).
     """
     import attnscope
 
-    if isinstance(spec, str):
+    if not isinstance(spec, ProbeSpec):
         spec = load_spec(spec)
     if lm.tokenizer is None:
         raise AttnscopeError(f"{lm.name} has no tokenizer; probes are built in the model's own tokens")
     prompts = build_prompts(spec, lm.tokenizer, lengths=lengths, depths=depths, seeds=seeds,
                             max_context=lm.max_positions)
     parts = []
-    for p in prompts:
+    for p in track(prompts, f"{spec.name} on {lm.name}", unit="prompt", progress=progress):
         if spec.task == "natural_text":
             ds = attnscope.analyze(lm, token_ids=p.token_ids, layers=layers, sink_tokens=sink_tokens)
             ds = ds.drop_vars([v for v in ds.data_vars if v == "distance_profile"])
