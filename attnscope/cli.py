@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attnscope.errors import AttnscopeError
@@ -47,7 +48,8 @@ _MODEL_HELP = "'smollm2', an OlmPool name or unique prefix, a Hub id, a local fo
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)  # one line, unwrapped
+    # one line, unwrapped; the message is text, not markup ("pip install 'attnscope[plot]'")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -199,7 +201,7 @@ def demo(
     _print_summary(ds)
     Console().print(f"wrote {result}" + (f" and {png}" if png else ""))
     if png is None:
-        console.print("no heatmap: matplotlib is not installed (pip install 'attnscope[plot]')")
+        console.print(escape("no heatmap: matplotlib is not installed (pip install 'attnscope[plot]')"))
 
 
 _out = Console(width=None if Console().is_terminal else 160)
