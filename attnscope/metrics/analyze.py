@@ -13,13 +13,13 @@ import xarray as xr
 from attnscope.capture.interface import layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
-from attnscope.progress import bar as progress_bar
 from attnscope.metrics.reductions import (
     ALL_METRICS,
     DEFAULT_METRICS,
     RowPlan,
     StatsRecorder,
 )
+from attnscope.progress import bar as progress_bar
 
 # Full maps beyond this many bytes are refused (override with pattern_limit_bytes=).
 PATTERN_LIMIT_BYTES = 2 << 30
