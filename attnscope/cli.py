@@ -63,9 +63,17 @@ def _parse_span(span: Optional[str]) -> dict[str, tuple[int, int]]:
     return {"span": (start, end)}
 
 
+def _json_values(values: np.ndarray):
+    """Nested lists, NaN (an empty query bin) as null: strict JSON has no NaN."""
+    if values.dtype.kind == "f":
+        return np.where(np.isnan(values), None, values.astype(object)).tolist()
+    return values.tolist()
+
+
 def _dataset_json(ds, token_ids: list[int]) -> dict:
-    metrics = {name: ds[name].values.tolist() for name in ds.data_vars}
-    return {
+    metrics = {name: _json_values(ds[name].values) for name in ds.data_vars}
+    extra = {"query_bins": ds.query_bin.values.tolist()} if "query_bin" in ds.coords else {}
+    return {**extra,
         "model": ds.attrs["model"],
         "revision": ds.attrs.get("revision") or None,
         "token_ids": token_ids,
@@ -103,6 +111,10 @@ def analyze(
                                          help="attention edit: window:W[,sinks:K], nosink:K, [,layers:0-3+9]"),
     out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
+    query_bins: Optional[int] = typer.Option(None, "--query-bins",
+                                             help="Also report every metric per N bins of query position"),
+    kernel: str = typer.Option("auto", help="auto | flex | cpu_flash | grouped | reference"),
+    row_pass: str = typer.Option("auto", "--row-pass", help="auto | features | chunked"),
     quiet: bool = _QUIET,
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
@@ -127,7 +139,8 @@ def analyze(
         names = tuple(m.strip() for m in metrics.split(",") if m.strip())
         apply_ablation(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
         ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
-                               sink_tokens=sink_tokens, spans=_parse_span(span) or None)
+                               sink_tokens=sink_tokens, spans=_parse_span(span) or None,
+                               query_bins=query_bins, kernel=kernel, row_pass=row_pass)
         if out:
             save_result(ds, out)
     except AttnscopeError as exc:

@@ -23,6 +23,7 @@ CONFIGS = {
     "sdpa": "plain sdpa forward (baseline)",
     "sink_span": "attnscope sink_mass + token0_mass + span_mass",
     "all": "attnscope all streaming metrics (+ span_mass)",
+    "all_features": "the same, row metrics from the feature pass (row_pass='features')",
     "eager": "eager forward with output_attentions=True",
 }
 MEMORY_CAP = 20 << 30  # children above this are stopped: the machine has 24 GiB
@@ -59,7 +60,8 @@ def child(config: str, length: int) -> dict:
             attnscope.analyze(lm, token_ids=ids[:n], metrics=("sink_mass", "token0_mass"),
                               spans={"needle": (n // 2, n // 2 + 16)})
         else:
-            attnscope.analyze(lm, token_ids=ids[:n], spans={"needle": (n // 2, n // 2 + 16)})
+            attnscope.analyze(lm, token_ids=ids[:n], spans={"needle": (n // 2, n // 2 + 16)},
+                              row_pass="features" if config == "all_features" else "auto")
 
     run(64)  # warm-up: first-call initialisation is not what we measure
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--eager-max", type=int, default=4096,
                     help="skip eager above this length (its maps alone exceed the memory cap)")
@@ -122,8 +125,9 @@ def main() -> None:
         return
     lengths = [int(x) for x in args.lengths.split(",")]
     results = {}
+    configs = args.configs.split(",")
     for n in lengths:
-        for config in CONFIGS:
+        for config in configs:
             if config == "eager" and n > args.eager_max:
                 gib = 30 * 9 * n * n * 4 / 2**30
                 results[(config, n)] = {"failed": f"not run: maps alone need {gib:.0f} GiB"}

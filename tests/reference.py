@@ -51,3 +51,44 @@ def reference_metrics(P: np.ndarray, queries: np.ndarray, *, sink_tokens=4, span
     if spans:
         out["span_mass"] = np.stack([Pq[:, :, s0:s1].sum(-1).mean(-1) for s0, s1 in spans.values()])
     return out
+
+
+class QKRecorder:
+    """Observer that keeps each layer's query, key and visibility rule (for fp64 references)."""
+
+    needs_lse = False
+
+    def __init__(self):
+        self.layers = {}
+
+    def wants(self, layer):
+        return True
+
+    def observe(self, attn):
+        self.layers[attn.layer] = attn
+
+
+def captured_qk(hf_model, input_ids, attention_mask=None):
+    """{layer: LayerAttention} of one forward through attnscope's reference kernel."""
+    from attnscope.capture.interface import capture, kernel_settings
+
+    rec = QKRecorder()
+    kwargs = {} if attention_mask is None else {
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad(), kernel_settings("reference"), capture(hf_model, rec):
+        hf_model(input_ids=input_ids, use_cache=False, **kwargs)
+    return rec.layers
+
+
+def fp64_maps(attn, b: int = 0) -> np.ndarray:
+    """[H, T, S] probabilities of batch row b in float64 from the captured q and k, computed
+    directly: softmax over the visible keys of scale * q . k (soft-capped if the model does)."""
+    q = attn.query[b].double()
+    k = attn.key[b].double().repeat_interleave(attn.n_rep, dim=0)
+    s = q @ k.transpose(-1, -2) * attn.scale
+    if attn.softcap:
+        s = torch.tanh(s / attn.softcap) * attn.softcap
+    T = q.shape[1]
+    vis = attn.visible(torch.arange(T), 0, k.shape[1])[b]
+    return torch.softmax(s.masked_fill(~vis[None], float("-inf")), dim=-1).nan_to_num(0.0).numpy()

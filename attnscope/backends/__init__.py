@@ -178,6 +178,8 @@ def native_source(hf_model, tokenizer, name, revision) -> ModelSource:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+            # a left-padded row gets the RoPE positions it would have alone: 0 at its first token
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad(), capture(hf_model, observer):
             decoder(**kwargs)
 

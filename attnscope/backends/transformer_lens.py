@@ -38,6 +38,7 @@ class PatternAttention(LayerAttention):
     """
 
     probs: torch.Tensor | None = None  # [B, H, T, S]
+    supports_features = False  # no q and k: row metrics take the chunked pass over the map
 
     def scores(self, b, q_rows, keys):
         p = self.probs[b][:, q_rows][:, :, keys].float()

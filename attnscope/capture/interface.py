@@ -16,49 +16,16 @@ from typing import Iterator, Protocol
 
 import torch
 
+from attnscope.capture import kernels
+from attnscope.capture.visibility import AttentionEdit, Visibility, bool_mask, row_starts
+from attnscope.errors import AttnscopeError
+
 ATTN_IMPLEMENTATION = "attnscope"
-# Elements of one block's [B, c, K] mask; bounds the extra memory of the blockwise path.
-_BLOCK_ELEMENTS = 1 << 24
-# At most this many queries (decoding steps) take the grouped path without KV expansion.
-_SMALL_T = 8
-
-
-@dataclass(frozen=True)
-class AttentionEdit:
-    """An ablation applied inside the attention function (docs/tokens.md, docs/design.md).
-
-    window: restrict each query to the last `window` keys (itself included).
-    keep_sinks: with `window`, the first `keep_sinks` tokens stay visible.
-    drop_sinks: hide the first `drop_sinks` tokens (softmax renormalises over the rest).
-    layers: attention layers the edit applies to (None = all).
-    A query always sees itself, so no row is ever empty.
-    """
-
-    window: int | None = None
-    keep_sinks: int = 0
-    drop_sinks: int = 0
-    layers: tuple[int, ...] | None = None
-
-    def applies(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
-
-    def hides_nothing(self, n_keys: int) -> bool:
-        """True when no key of an `n_keys`-key input is hidden (window >= n_keys, no dropped sinks).
-
-        The attention function then runs the unedited kernel, so such an edit leaves the
-        model's outputs bit-for-bit unchanged.
-        """
-        return not self.drop_sinks and (self.window is None or self.window >= n_keys)
-
-    def describe(self) -> str:
-        parts = []
-        if self.window is not None:
-            parts.append(f"window:{self.window}" + (f",sinks:{self.keep_sinks}" if self.keep_sinks else ""))
-        if self.drop_sinks:
-            parts.append(f"nosink:{self.drop_sinks}")
-        if self.layers is not None:
-            parts.append("layers:" + "+".join(map(str, self.layers)))
-        return ";".join(parts) or "none"
+# kept importable from here (older code and the peers' backends use these names)
+_bool_mask, _row_starts = bool_mask, row_starts
+__all__ = ["AttentionEdit", "LayerAttention", "Observer", "capture", "using_attnscope", "register",
+           "set_edit", "set_windows", "windows_disabled", "layer_window", "index_layers",
+           "kernel_settings"]
 
 
 @dataclass
@@ -67,7 +34,10 @@ class LayerAttention:
 
     Probability of key j for query row i: exp(score(i, j) - lse[i]) where visible(i, j),
     score = scale * q_i . k_j (softcapped if the model softcaps), lse = log-sum-exp of row i.
-    Positions: query row i sits at absolute position `q_offset + i` among the keys.
+    Indices: query row i sits at key index `q_offset + i`; key index j holds the token at
+    position `key_start + j` (key_start > 0 only in a sliding-window layer decoding past its
+    window, whose cache dropped the oldest keys). `visible`, `scores` and `log_probs` take key
+    indices; `metrics.reductions.keyset_probs` takes token positions.
     """
 
     layer: int
@@ -81,6 +51,18 @@ class LayerAttention:
     edit: AttentionEdit | None
     softcap: float | None
     row_starts: torch.Tensor  # [B] absolute index of each row's first real token
+    # the kernel that computed the layer's output (capture/kernels.py); "external" when a peer
+    # library (TransformerLens, nnsight) ran the attention
+    kernel: str = "external"
+    key_start: int = 0
+
+    # the feature pass needs q and k; attention read from a stored pattern has neither
+    supports_features = True
+
+    @property
+    def vis(self) -> Visibility:
+        return Visibility(self.q_offset, self.mask, self.window, self.edit, self.row_starts,
+                          self.key_start)
 
     @property
     def n_heads(self) -> int:
@@ -96,8 +78,7 @@ class LayerAttention:
 
     def visible(self, q_rows: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
         """Bool [B, Q, K]: may query row q_rows[q] attend to key k_lo + k (per batch row)."""
-        return _visibility(self.mask, q_rows, k_lo, k_hi, self.q_offset, self.window, self.edit,
-                           self.row_starts)
+        return self.vis.grid(q_rows, k_lo, k_hi)
 
     def scores(self, b: int, q_rows: torch.Tensor, keys: torch.Tensor | slice) -> torch.Tensor:
         """Float32 [H, Q, K] scaled (and softcapped) scores of batch row b; GQA mapped."""
@@ -129,6 +110,35 @@ class LayerAttention:
                            cache[b][:, keys].transpose(-1, -2))
         return out.view(H, Q, -1)
 
+    def expectations(self, b: int, q_rows: torch.Tensor, features: torch.Tensor, *,
+                     with_keys: bool, rows_key=None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The feature pass: E_p[f] = sum_j P_ij f(j) for query rows `q_rows` of batch row b.
+
+        Attention calls in float32 (q and k as the layer's kernel received them, upcast) whose
+        values are the key features [k_j if with_keys | features[j]] (`features` is [S, F]),
+        at most max(64, d) value columns per call, so each call is an ordinary-sized attention
+        (a wide value tensor is where fused kernels run out of on-chip memory). Returns
+        (E [H, Q, d? + F], the row LSE [H, Q] of the first call, the kernel that ran).
+        FlexAttention when available (compiled on CUDA), the reference kernel otherwise.
+        """
+        q = self.query[b:b + 1, :, q_rows].float()
+        k = self.key[b:b + 1].float()
+        f = features.float()[None, None].expand(1, self.n_kv_heads, -1, -1)
+        width = max(64, k.shape[-1])
+        parts = ([k] if with_keys else []) + [f[..., i:i + width].contiguous()
+                                              for i in range(0, f.shape[-1], width)]
+        forced = _SETTINGS["kernel"]
+        kernel = "reference" if forced == "reference" or not kernels.flex_available() else "flex"
+        vis = self.vis.for_batch_row(b)
+        outs, lse, ran = [], None, kernel
+        for v in parts:
+            out, row_lse, ran = kernels.run(kernel, q, k, v, self.scale, vis, q_rows, self.softcap,
+                                            True, rows_key=rows_key,
+                                            precision=_SETTINGS["feature_precision"])
+            outs.append(out[0])
+            lse = row_lse[0] if lse is None else lse
+        return torch.cat(outs, dim=-1), lse, ran
+
 
 class Observer(Protocol):
     """Receives a LayerAttention for each wanted layer during a forward pass."""
@@ -141,49 +151,28 @@ class Observer(Protocol):
 
 
 _OBSERVERS: list[Observer] = []
+# Kernel choice for the whole process ("auto" = kernels.choose decides; or a kernel's name), and
+# the fp32 matmul mode of the compiled feature pass on CUDA ("ieee" exact, "tf32" faster).
+_SETTINGS = {"kernel": "auto", "feature_precision": "ieee"}
 
 
-def _visibility(mask, q_rows, k_lo, k_hi, q_offset, window, edit, row_starts) -> torch.Tensor:
-    device = q_rows.device
-    j = torch.arange(k_lo, k_hi, device=device)
-    qa = (q_rows + q_offset)[:, None]  # absolute query positions [Q, 1]
-    vis = (j[None, :] <= qa)[None]  # causal [1, Q, K]
-    if mask is not None:
-        vis = vis & mask[:, 0][:, q_rows][:, :, k_lo:k_hi]
-    if window is not None:
-        vis = vis & ((qa - j[None, :]) < window)[None]
-    if edit is not None:
-        rel = j[None, None, :] - row_starts[:, None, None]  # key position within its row
-        if edit.window is not None:
-            local = ((qa - j[None, :]) < edit.window)[None]
-            if edit.keep_sinks:
-                local = local | ((rel >= 0) & (rel < edit.keep_sinks))
-            vis = vis & local
-        if edit.drop_sinks:
-            vis = vis & (rel >= edit.drop_sinks)
-        vis = vis | (j[None, :] == qa)[None]  # a query always sees itself
-    if vis.shape[0] != row_starts.shape[0]:
-        vis = vis.expand(row_starts.shape[0], -1, -1)
-    return vis
-
-
-def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:  # additive float mask: 0 visible, very negative hidden
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    if mask.dim() == 2:
-        mask = mask[None, None]
-    return mask[:, :1]
-
-
-def _row_starts(mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-    if mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    # first key any query may see = first real token (left padding); 0 otherwise
-    seen = mask[:, 0].any(dim=1)
-    starts = seen.int().argmax(dim=-1)
-    return torch.where(seen.any(dim=-1), starts, torch.zeros_like(starts)).expand(batch)
+@contextlib.contextmanager
+def kernel_settings(kernel: str | None = None, feature_precision: str | None = None):
+    """Force an attention kernel (e.g. 'reference' to check against eager) inside the block."""
+    if kernel is not None and kernel != "auto" and kernel not in kernels.FORCEABLE:
+        raise AttnscopeError(f"unknown kernel {kernel!r}; choose auto or one of "
+                             f"{', '.join(kernels.FORCEABLE)}")
+    if feature_precision not in (None, "ieee", "tf32"):
+        raise AttnscopeError(f"feature_precision must be 'ieee' or 'tf32', not {feature_precision!r}")
+    previous = dict(_SETTINGS)
+    if kernel is not None:
+        _SETTINGS["kernel"] = kernel
+    if feature_precision is not None:
+        _SETTINGS["feature_precision"] = feature_precision
+    try:
+        yield
+    finally:
+        _SETTINGS.update(previous)
 
 
 def layer_window(module, kwargs) -> int | None:
@@ -202,71 +191,6 @@ def layer_window(module, kwargs) -> int | None:
     return int(window) if window else None
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def _few_queries(query, key, value, scale, q_offset, mask, window, edit, softcap, row_starts):
-    """Decoding steps (a few queries against a long cache): grouped matmuls, no per-head copy
-    of the cache, exact softmax in float32."""
-    B, H, T, d = query.shape
-    kvh = key.shape[1]
-    q = query.float().reshape(B, kvh, (H // kvh) * T, d)
-    s = torch.matmul(q, key.float().transpose(-1, -2)).view(B, H, T, -1) * scale
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    rows = torch.arange(T, device=query.device)
-    vis = _visibility(mask, rows, 0, key.shape[2], q_offset, window, edit, row_starts)[:, None]
-    s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    out = torch.matmul(p.view(B, kvh, (H // kvh) * T, -1), value.float()).view(B, H, T, d)
-    return out.to(query.dtype), lse
-
-
-def _blockwise(query, key, value, scale, q_offset, mask, window, edit, softcap, row_starts,
-               need_lse: bool):
-    """Attention output (and row log-sum-exp) in query blocks with an exact explicit mask."""
-    B, H, T, d = query.shape
-    S = key.shape[2]
-    n_rep = H // key.shape[1]
-    k_all, v_all = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    local = window if window is not None else None
-    if edit is not None and edit.window is not None and not edit.keep_sinks:
-        local = edit.window if local is None else min(local, edit.window)
-    block = max(16, min(T, _BLOCK_ELEMENTS // max(1, B * S)))
-    fused = query.device.type == "cpu" and softcap is None
-    outs, lses = [], []
-    for i0 in range(0, T, block):
-        i1 = min(T, i0 + block)
-        k_hi = q_offset + i1
-        k_lo = max(0, q_offset + i0 - local + 1) if local is not None else 0
-        rows = torch.arange(i0, i1, device=query.device)
-        vis = _visibility(mask, rows, k_lo, k_hi, q_offset, window, edit, row_starts)[:, None]
-        q, k, v = query[:, :, i0:i1], k_all[:, :, k_lo:k_hi], v_all[:, :, k_lo:k_hi]
-        if fused:
-            add = torch.zeros(vis.shape, dtype=query.dtype, device=query.device)
-            add.masked_fill_(~vis, float("-inf"))
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, False, attn_mask=add, scale=scale)
-        else:
-            s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-            if softcap:
-                s = torch.tanh(s / softcap) * softcap
-            s = s.masked_fill(~vis, float("-inf"))
-            lse = torch.logsumexp(s, dim=-1)
-            out = torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v)
-        # rows with no visible key (padding queries) would be NaN and poison later layers
-        outs.append(torch.nan_to_num(out, nan=0.0))
-        if need_lse:
-            lses.append(lse.float())
-    out = torch.cat(outs, dim=2)
-    return out, (torch.cat(lses, dim=2) if need_lse else None)
-
-
 def attnscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         **kwargs):
     """The registered attention function (signature fixed by transformers' AttentionInterface)."""
@@ -281,36 +205,38 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     need_lse = any(o.needs_lse for o in observers)
     T, S = query.shape[2], key.shape[2]
     q_offset = S - T
+    key_start = _key_start(kwargs.get("position_ids"), window, q_offset, S)
     if window is not None and window >= S:
         window = None  # a window longer than the input changes nothing
-    mask = _bool_mask(attention_mask)
-
+    mask = bool_mask(attention_mask)
     plain = window is None and edit is None and softcap is None
-    if plain and not observers:
+    kernel = kernels.choose(query.device, T, observed=bool(observers), plain=plain,
+                            softcap=softcap, forced=_SETTINGS["kernel"])
+    if kernel == "sdpa":
         # Exactly what the model would have run with sdpa.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                       scaling=scale, **{k: v for k, v in kwargs.items()
                                                         if k in ("is_causal",)})
-    row_starts = _row_starts(mask, query.shape[0], query.device)
-    if plain and mask is None and q_offset == 0 and query.device.type == "cpu":
-        q_rep = query.shape[1] // key.shape[1]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, _repeat_kv(key, q_rep), _repeat_kv(value, q_rep), 0.0, True, scale=scale)
-        lse = lse.float() if need_lse else None
-    elif query.shape[2] <= _SMALL_T:
-        out, lse = _few_queries(query, key, value, scale, q_offset, mask, window, edit, softcap,
-                                row_starts)
-    else:
-        out, lse = _blockwise(query, key, value, scale, q_offset, mask, window, edit, softcap,
-                              row_starts, need_lse)
+    vis = Visibility(q_offset, mask, window, edit, row_starts(mask, query.shape[0], query.device),
+                     key_start)
+    out, lse, kernel = kernels.run(kernel, query, key, value, scale, vis, None, softcap, need_lse)
     if observers:
         attn = LayerAttention(layer, query, key, scale, q_offset, lse, mask, window, edit,
-                              softcap, row_starts)
+                              softcap, vis.row_starts, kernel, key_start)
         for obs in observers:
             obs.observe(attn)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _key_start(position_ids, window, q_offset: int, n_keys: int) -> int:
+    """Token position of key 0. A sliding-window cache keeps only the last keys, so while
+    decoding past the window key 0 is not token 0; the queries' positions say where it is.
+    (In a left-padded batch the longest row has no padding: its position is the token index.)"""
+    if window is None or q_offset == 0 or position_ids is None:
+        return 0
+    return max(0, int(position_ids[:, -1].max()) + 1 - n_keys)
 
 
 def _layer_index(module) -> int:

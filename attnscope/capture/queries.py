@@ -80,3 +80,22 @@ class QuerySelection:
         if self.mode == "explicit":
             return "explicit"
         return f"{self.mode}:{self.n}" + (f">={self.min_position}" if self.mode == "strided" else "")
+
+
+def query_bins(queries: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-width bins of query position over the selected queries.
+
+    The span [first query, last query + 1) is cut at integer edges lo + floor(b * width / n)
+    into `n_bins` bins of equal width (to within one position). Returns (bin index of each query,
+    bin start positions [n_bins]). A bin may hold no selected query (strided or explicit
+    selections); its statistics are then NaN.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise AttnscopeError(f"query_bins must be a positive integer, not {n_bins!r}")
+    lo, hi = int(queries[0]), int(queries[-1]) + 1
+    if n_bins > hi - lo:
+        raise AttnscopeError(
+            f"query_bins={n_bins} is more than the {hi - lo} query positions [{lo}, {hi}); "
+            "use fewer bins or a longer text")
+    edges = lo + (np.arange(n_bins + 1) * (hi - lo)) // n_bins
+    return np.searchsorted(edges, queries, side="right") - 1, edges[:-1]

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 import xarray as xr
 
-from attnscope.capture.interface import layer_window
-from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection
+from attnscope.capture.interface import kernel_settings, layer_window
+from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection, query_bins as _query_bins
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
 from attnscope.metrics.reductions import (
     ALL_METRICS,
     DEFAULT_METRICS,
+    ROW_PASSES,
     RowPlan,
     StatsRecorder,
 )
@@ -27,6 +28,7 @@ PATTERN_LIMIT_BYTES = 2 << 30
 DIMS = {
     "sink_mass": ("layer", "head"),
     "token0_mass": ("layer", "head"),
+    "token0_importance": ("layer", "head"),
     "span_mass": ("span", "layer", "head"),
     "entropy": ("layer", "head"),
     "mean_distance": ("layer", "head"),
@@ -83,6 +85,9 @@ def analyze(
     max_tokens: int | None = None,
     pattern_limit_bytes: int = PATTERN_LIMIT_BYTES,
     backend: str | None = None,
+    query_bins: int | None = None,
+    kernel: str = "auto",
+    row_pass: str = "auto",
     progress: bool | None = None,
 ) -> xr.Dataset:
     """Exact attention statistics per layer and query head of `model` on `text`.
@@ -94,6 +99,12 @@ def analyze(
     `model` may also be a TransformerLens `TransformerBridge` or an nnsight model; `backend`
     ("native", "transformer_lens", "nnsight"; default: the model's own kind, native for a
     LoadedModel or transformers model) says where attention is read from (docs/backends.md).
+
+    query_bins=N also reports every metric per bin of query position: variables
+    `<metric>_by_query` with a trailing `query_bin` dim (N equal-width bins over the selected
+    queries; coordinate = bin start) from the same pass. kernel= forces an attention kernel
+    ("auto", "flex", "cpu_flash", "grouped", "reference"); row_pass= chooses how row metrics are
+    computed ("auto": the feature pass on GPU, chunked on CPU; "features"; "chunked").
     `progress`: a per-layer bar (None: in a terminal or notebook only; see attnscope.progress).
     """
     source = _resolve(model, tokenizer, backend)
@@ -108,6 +119,8 @@ def analyze(
         raise AttnscopeError(f"unknown metric(s) {unknown}; known: {', '.join(ALL_METRICS)}")
     if sink_tokens < 1:
         raise AttnscopeError("sink_tokens must be >= 1")
+    if row_pass not in ROW_PASSES:
+        raise AttnscopeError(f"row_pass must be one of {', '.join(ROW_PASSES)}, not {row_pass!r}")
     seqs = _tokenize(tokenizer, text, token_ids, max_tokens)
     config = hf_model.config
     max_pos = getattr(config, "max_position_embeddings", None)
@@ -124,7 +137,11 @@ def analyze(
             if not 0 <= s0 < s1 <= len(s):
                 raise AttnscopeError(
                     f"span {span_name!r} = [{s0}, {s1}) is not inside the {len(s)}-token input")
-        plans.append(RowPlan(len(s), selection.resolve(len(s)), spans))
+        plan = RowPlan(len(s), selection.resolve(len(s)), spans)
+        if query_bins is not None:
+            plan.groups, plan.group_starts = _query_bins(plan.queries, query_bins)
+            plan.n_groups = int(query_bins)
+        plans.append(plan)
 
     n_layers = int(config.num_hidden_layers)
     if "pattern" in metrics:
@@ -144,9 +161,10 @@ def analyze(
         input_ids[b, longest - len(s):] = torch.tensor(s)
         attention_mask[b, longest - len(s):] = 1
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
-                             max_length=longest)
+                             max_length=longest, row_pass=row_pass)
     wanted = sum(recorder.wants(i) for i in range(n_layers))
-    with progress_bar(wanted, f"{name}: {longest} tokens", unit="layer", progress=progress) as bar:
+    with kernel_settings(kernel), progress_bar(wanted, f"{name}: {longest} tokens", unit="layer",
+                                               progress=progress) as bar:
         source.run(bar.watch(recorder), input_ids.to(device),
                    attention_mask.to(device) if len(seqs) > 1 else None)
     if not recorder.results:
@@ -156,6 +174,9 @@ def analyze(
     ds = _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model,
                      sink_tokens, bins, n_layers)
     ds.attrs["backend"] = source.backend
+    ds.attrs["kernel_requested"] = kernel
+    ds.attrs["attention_kernels"] = json.dumps({str(k): v for k, v in sorted(recorder.kernels.items())})
+    ds.attrs["row_pass"] = json.dumps({str(k): v for k, v in sorted(recorder.row_passes.items())})
     return ds
 
 
@@ -174,6 +195,14 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
             raise AttnscopeError("full patterns are computed for one text at a time")
         arr = per_seq[0] if single else np.stack(per_seq)
         data_vars[m] = (dims if single else ("sequence",) + dims, arr.astype(np.float32))
+        if recorder.plans[0].groups is not None and m not in ("pattern", "token0_importance"):
+            binned = [np.stack([recorder.results[L][b][m + "@groups"] for L in layer_ids])
+                      for b in range(len(seqs))]
+            if m == "span_mass":
+                binned = [a.transpose(1, 0, 2, 3) for a in binned]
+            arr = binned[0] if single else np.stack(binned)
+            data_vars[m + "_by_query"] = ((dims if single else ("sequence",) + dims) + ("query_bin",),
+                                          arr.astype(np.float32))
     coords: dict[str, Any] = {"layer": layer_ids, "head": np.arange(int(config.num_attention_heads))}
     if "position_profile" in metrics:
         coords["bin"] = np.arange(bins) / bins
@@ -184,6 +213,16 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     if "pattern" in metrics:
         coords["query"] = np.arange(len(seqs[0]))
         coords["key"] = np.arange(len(seqs[0]))
+    plans = recorder.plans
+    if plans[0].groups is not None:
+        counts = [np.bincount(p.groups, minlength=p.n_groups) for p in plans]
+        if single:  # coordinate = first position of each bin
+            coords["query_bin"] = plans[0].group_starts
+            data_vars["query_count"] = (("query_bin",), counts[0])
+        else:  # each row has its own bins: index coordinate, per-row starts as a variable
+            coords["query_bin"] = np.arange(plans[0].n_groups)
+            data_vars["query_bin_start"] = (("sequence", "query_bin"), np.stack([p.group_starts for p in plans]))
+            data_vars["query_count"] = (("sequence", "query_bin"), np.stack(counts))
     types = _layer_types(config)
     skipped = [i for i in range(n_layers) if i not in recorder.results]
     if recorder.layers is not None:
