@@ -69,8 +69,8 @@ def reader(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reader")
     (folder / "book.txt").write_text(prose(), encoding="utf-8")
     (folder / "texts").mkdir()
-    (folder / "texts" / "alice.txt").write_text(load_text("alice")[20000:20800], encoding="utf-8")
-    (folder / "texts" / "paradise.txt").write_text(load_text("paradise_lost")[30000:30800], encoding="utf-8")
+    (folder / "texts" / "alice.txt").write_text(load_text("alice")[20000:20500], encoding="utf-8")
+    (folder / "texts" / "paradise.txt").write_text(load_text("paradise_lost")[30000:30500], encoding="utf-8")
     cwd = os.getcwd()
     os.chdir(folder)
     yield {"folder": folder, "ns": {"__name__": "__readme__"}}

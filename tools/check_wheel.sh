@@ -60,7 +60,7 @@ grep -q "pip install 'attnscope\[plot\]'" demo.err || fail "demo did not say how
 
 step "attnscope probes; attnscope probe --spec niah_single (by name)"
 "$V/attnscope" probes >/dev/null
-"$V/attnscope" probe -m smollm2 --spec niah_single --lengths 512 --depths 0.5 --seeds 0 -o niah.h5 >probe.out \
+"$V/attnscope" probe -m smollm2 --spec niah_single --lengths 512 --depths 0.5 --seeds 0 --no-decode -o niah.h5 >probe.out \
   || fail "probe by name"
 [ -s niah.h5 ] || fail "probe wrote no result"
 

@@ -3,7 +3,7 @@
 Parsing a GGUF file's metadata takes ~25 s (SmolLM2); the converted folder loads in <1 s. The
 cache folder is named after the sha256 of the whole file, so every virtualenv, checkout or copy
 of the same GGUF file finds the same conversion (517 MB for SmolLM2), and a changed file gets
-a new one. Hashing 94 MB takes ~0.2 s; the digest of each path is remembered (keyed on size,
+a new one. Hashing 94 MB takes ~0.5 s; the digest of each path is remembered (keyed on size,
 mtime and inode) so that a large file is hashed once per place it lives.
 
 Caches written by attnscope 0.1 were keyed on the file's absolute path
