@@ -8,7 +8,8 @@ The public API is small:
     doctor(model, revision=None, ...)     -> DoctorReport (does the checkpoint run what it declares?)
     extract(models=..., revisions=..., probes=[...], out=store) -> ExtractReport   (batch)
     open_store(path)                       -> Store (.tasks(), .get(), .select(), .summary())
-    run_probe(lm, "probes/niah_single.toml", lengths=[...]) -> xarray.Dataset (needle share, retrieval heads)
+    run_probe(lm, "niah_single", lengths=[...]) -> xarray.Dataset (needle share, retrieval heads; shipped
+                                           probe specs by name, `attnscope probes`, or a TOML path)
 """
 
 __version__ = "0.1.0"

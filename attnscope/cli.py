@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attnscope.errors import AttnscopeError
@@ -23,8 +24,6 @@ console = Console(stderr=True)
 def _error_line(message) -> None:
     """One line on stderr: plain text when stderr is not a terminal (rich would wrap it at 80
     columns), bold red on a terminal (soft-wrapped: still one line)."""
-    from rich.markup import escape
-
     from attnscope.validate import one_line
 
     text = one_line(message)
@@ -33,6 +32,31 @@ def _error_line(message) -> None:
     else:
         sys.stderr.write(f"error: {text}\n")
         sys.stderr.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        import attnscope
+
+        typer.echo(f"attnscope {attnscope.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit")) -> None:
+    """Exact attention statistics for Hugging Face causal LMs, at long context."""
+
+
+def _quiet(quiet: bool) -> None:
+    """--quiet: no progress bars (automatic bars appear only on a terminal or in a notebook)."""
+    from attnscope import progress
+
+    progress.set_default(False if quiet else None)
+
+
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines")
+_MODEL_HELP = "'smollm2', an OlmPool name or unique prefix, a Hub id, a local folder or a .gguf file"
 
 
 def _fail(exc: Exception) -> None:
@@ -83,7 +107,7 @@ def _quiet_transformers() -> None:
 
 @app.command()
 def analyze(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
     text_file: Path = typer.Option(..., "--text-file", "-f", help="UTF-8 text to analyse"),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
     max_tokens: Optional[int] = typer.Option(None, help="Analyse only the first N tokens"),
@@ -105,12 +129,14 @@ def analyze(
                                              help="Also report every metric per N bins of query position"),
     kernel: str = typer.Option("auto", help="auto | flex | cpu_flash | grouped | reference"),
     row_pass: str = typer.Option("auto", "--row-pass", help="auto | features | chunked"),
+    quiet: bool = _QUIET,
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
     from attnscope.store.hdf5 import save_result
 
     _quiet_transformers()
+    _quiet(quiet)
     try:  # every input is checked before the model loads (docs/refusals.md)
         names, edit, spans = _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens,
                                                      dtype, device, query_bins, kernel, row_pass)
@@ -256,34 +282,43 @@ def demo(
     tokens: int = typer.Option(2048, help="Tokens of real English prose to analyse"),
     overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
                                    "(the demo's two files are replaced)"),
+    quiet: bool = _QUIET,
 ):
     """The main job on the embedded model: sinks of SmolLM2 on real English prose."""
     import attnscope
+    from attnscope.extras import missing
     from attnscope.probing.texts import prose
-    from attnscope.report.heatmap import metric_heatmap
     from attnscope.store.hdf5 import save_result
     from attnscope.validate import check_count
 
     _quiet_transformers()
+    _quiet(quiet)
+    say = (lambda *a: None) if quiet else console.print
+    png = None
     try:
         check_count("--tokens", tokens, minimum=32, none_ok=False)
         _check_out_dir(out, overwrite)
-        console.print("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
+        say("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
         lm = attnscope.load("smollm2")
         ids = lm.tokenizer(prose())["input_ids"][:tokens]
-        console.print(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
+        say(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
         ds = attnscope.analyze(lm, token_ids=ids)
         out.mkdir(parents=True, exist_ok=True)
         result = save_result(ds, out / "smollm2_prose.h5", overwrite=overwrite)
         command = f"attnscope demo --out {out} --tokens {tokens}"
-        png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
-                             title=f"SmolLM2-135M-Instruct\nmass on the first 4 tokens\n"
-                                   f"({len(ids)} tokens of prose)",
-                             source=f"store: {result}; made by: {command}", overwrite=overwrite)
+        if not missing("plot"):
+            from attnscope.report.heatmap import metric_heatmap
+
+            png = metric_heatmap(ds, "sink_mass", out / "sink_mass_heatmap.png",
+                                 title=f"SmolLM2-135M-Instruct\nmass on the first 4 tokens\n"
+                                       f"({len(ids)} tokens of prose)",
+                                 source=f"store: {result}; made by: {command}", overwrite=overwrite)
     except AttnscopeError as exc:
         _fail(exc)
     _print_summary(ds)
-    Console().print(f"wrote {result} and {png}")
+    Console().print(f"wrote {result}" + (f" and {png}" if png else ""))
+    if png is None:
+        console.print(escape("no heatmap: matplotlib is not installed (pip install 'attnscope[plot]')"))
 
 
 _out = Console(width=None if Console().is_terminal else 160)
@@ -382,7 +417,7 @@ def _short(value) -> str:
 
 @app.command("doctor")
 def doctor_cmd(
-    model: str = typer.Argument(..., help="Hub id, local folder, .gguf file or 'smollm2'"),
+    model: str = typer.Argument(..., help=_MODEL_HELP),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the model's own code to run"),
@@ -461,8 +496,8 @@ def _check_grid(ps, lengths, depths, seeds, max_context) -> None:
 
 @app.command("probe")
 def probe_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2'"),
-    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    spec: str = typer.Option(..., "--spec", help="a shipped probe's name (`attnscope probes`) or a spec TOML file"),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 file for the result"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file (never a batch store)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
@@ -476,6 +511,7 @@ def probe_cmd(
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = _QUIET,
 ) -> None:
     """Run a probe's length x depth grid: needle share per layer and head, retrieval heads, answers."""
     import attnscope
@@ -486,6 +522,7 @@ def probe_cmd(
     from attnscope.validate import check_device
 
     _quiet_transformers()
+    _quiet(quiet)
     try:  # every input is checked before the model loads (docs/refusals.md)
         for name, value, allowed in (("--answer-mode", answer_mode, ANSWER_MODES),
                                      ("--retrieval-count", retrieval_count, RETRIEVAL_COUNTS),
@@ -528,9 +565,9 @@ def probe_cmd(
 
 @app.command("probe-build")
 def probe_build(
-    spec: Path = typer.Option(..., "--spec", help="probe spec TOML (see probes/)"),
+    spec: str = typer.Option(..., "--spec", help="a shipped probe's name (`attnscope probes`) or a spec TOML file"),
     tokenizer: str = typer.Option(..., "--tokenizer", "--model-tokenizer",
-                                  help="'smollm2', a .gguf, a tokenizer.json or a local model folder"),
+                                  help="a model name (as for --model) or a tokenizer.json"),
     lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
     depths: Optional[str] = typer.Option(None, help="comma-separated depths in [0, 1] (default: the spec's grid)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
@@ -567,6 +604,30 @@ def probe_build(
     Console().print(table)
 
 
+@app.command("probes")
+def probes_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print JSON records"),
+) -> None:
+    """List the probe specs shipped with attnscope (use a name wherever a spec is accepted)."""
+    from attnscope.probing.catalog import list_probes
+
+    try:
+        infos = list_probes()
+    except AttnscopeError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([{"name": p.name, "task": p.task, "lengths": list(p.lengths),
+                                "depths": list(p.depths), "seeds": list(p.seeds),
+                                "description": p.description, "path": p.path} for p in infos], indent=1))
+        return
+    table = Table(title=f"{len(infos)} shipped probes (attnscope probe --spec NAME; extract --probes NAME)")
+    for col in ("name", "task", "grid", "description"):
+        table.add_column(col, overflow="fold", no_wrap=col == "name")
+    for p in infos:
+        table.add_row(p.name, p.task, p.grid, p.description)
+    _out.print(table)
+
+
 def _load_model(name: str):
     """(model, tokenizer) through attnscope.load."""
     import attnscope
@@ -577,7 +638,7 @@ def _load_model(name: str):
 
 @app.command()
 def tokens(
-    model_a: str = typer.Option(..., "--model-a", help="model A (the reference): name, folder or .gguf file"),
+    model_a: str = typer.Option(..., "--model-a", help="model A (the reference): " + _MODEL_HELP),
     model_b: Optional[str] = typer.Option(None, "--model-b", help="model B; default: model A (use with --ablate-b)"),
     corpus: Path = typer.Option(..., "--corpus", help=".jsonl (text[, id, kind]), a text file, or a folder of files"),
     out: Path = typer.Option(..., "--out", help="output folder"),
@@ -594,13 +655,17 @@ def tokens(
     max_docs: Optional[int] = typer.Option(None, help="use only the first N documents"),
     overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
                                    "(files of the same names are replaced)"),
+    quiet: bool = _QUIET,
 ):
     """Compare two models token by token: gap = loss_A - loss_B (> 0: B better), by token category."""
+    from attnscope.extras import require
     from attnscope.tokens import parse_ablation, read_corpus, run_study
     from attnscope.tokens.study import check_documents
     from attnscope.validate import check_count, check_edit_layers
 
+    _quiet(quiet)
     try:  # every input is checked before a model loads (docs/refusals.md)
+        require("attnscope tokens (regressions and figures)", "stats", "plot")
         spec = parse_ablation(ablate_b) if ablate_b else None
         for name, value in (("--window", window), ("--min-context", min_context), ("--batch-size", batch_size),
                             ("--min-repeat", min_repeat), ("--n-boot", n_boot), ("--far", far),
@@ -616,7 +681,8 @@ def tokens(
             n_layers = _limits(m, None, False).get("n_layers")
             if spec is not None and n_layers:
                 check_edit_layers(spec.layers, int(n_layers), f"--ablate-b (model {m})")
-        console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
+        if not quiet:
+            console.print(f"[bold]corpus[/] {corpus}: {len(docs)} documents")
         ma, ta = _load_model(model_a)
         if model_b is None or model_b == model_a:
             # B = A: run_study scores A, then sets the edit on the same model (no weight copy)
@@ -674,6 +740,9 @@ def report_cmd(
     if store is None and not registry_only:
         _fail(AttnscopeError("give --store PATH, or --registry-only for the architecture-only analyses"))
     try:
+        from attnscope.extras import require
+
+        require("attnscope report", "stats", "plot")
         _check_out_dir(out, overwrite)
         command = _command_line("report", store=None if registry_only else store, out=out, score=score,
                                 registry_only=registry_only, revision=None if revision == "final" else revision,
@@ -703,12 +772,15 @@ def figures_cmd(
                                    "(figures of the same names are replaced)"),
 ):
     """Every paper figure as PDF + PNG with a JSON sidecar (store and command in the metadata)."""
-    from attnscope.report.figures import FIGURES, make_all
-
     if store is None and not registry_only:
         _fail(AttnscopeError("give --store PATH, or --registry-only for the registry-only figures"))
     names = [n.strip() for n in only.split(",")] if only else None
     try:
+        from attnscope.extras import require
+
+        require("attnscope figures", "plot", "stats")
+        from attnscope.report.figures import FIGURES, make_all
+
         if names:
             unknown = [n for n in names if n not in FIGURES]
             if unknown:
@@ -734,7 +806,8 @@ def extract_cmd(
     revisions: list[str] = typer.Option(["final"], "--revisions", "-r",
                                         help="final | pre | post | all | names (comma-separated); "
                                              "'pre,post' = step34000,longcontext-step2385"),
-    probes: list[Path] = typer.Option(..., "--probes", "-p", help="probe spec files (repeatable)"),
+    probes: list[str] = typer.Option(..., "--probes", "-p",
+                                     help="shipped probe names (`attnscope probes`) or spec files (repeatable)"),
     out: Path = typer.Option(..., "--out", "-o", help="the HDF5 store (created, or resumed)"),
     executor: str = typer.Option("local", help="local | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: local Ray)"),
@@ -751,11 +824,11 @@ def extract_cmd(
     """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
 
     Exit code 0: every task has a result; 1: some tasks failed (listed); 2: bad input."""
-    from attnscope.batch.extract import ExtractInterrupted, describe_plan, extract, interrupted_message
+    from attnscope.batch.extract import ExtractInterrupted, describe_plan, extract, group_failures, interrupted_message
 
     _quiet_transformers()
     try:
-        report = extract(models, revisions, [str(p) for p in probes], out, executor=executor,
+        report = extract(models, revisions, list(probes), out, executor=executor,
                          ray_address=ray_address, dtype=dtype, device=device, retries=retries,
                          dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress,
                          query_bins=query_bins)
@@ -777,11 +850,15 @@ def extract_cmd(
     _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
                f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
     if report.failures:
-        table = Table(title=f"{len(report.failures)} failed task(s) (tracebacks: attnscope.open_store(...).failure(key))")
-        for col in ("task", "key", "attempts", "error"):
-            table.add_column(col)
-        for f in report.failures:
-            table.add_row(f.label, f.key, str(f.attempts), f.error[:300])
+        groups = group_failures(report.failures)
+        table = Table(title=f"{len(report.failures)} failed task(s), {len(groups)} distinct cause(s) "
+                            "(tracebacks: attnscope.open_store(...).failure(key))")
+        for col in ("cause", "tasks", "checkpoints", "first task (key)"):
+            table.add_column(col, overflow="fold")
+        for g in groups:
+            cps = g.checkpoints
+            shown = ", ".join(cps[:3]) + (f" +{len(cps) - 3} more" if len(cps) > 3 else "")
+            table.add_row(g.cause[:300], str(len(g.tasks)), shown, f"{g.tasks[0].label} ({g.tasks[0].key})")
         _out.print(table)
         raise typer.Exit(1)
 

@@ -68,3 +68,8 @@ class BackendError(AttnscopeError):
 
 class FeatureUnavailableError(AttnscopeError):
     """A requested feature is not available in this installation (missing optional part or not built yet)."""
+
+
+class HubUnreachableError(OfflineError, ModelNotFoundError):
+    """A model must come from the Hub, the Hub cannot be reached (or offline mode is on), and
+    the checkpoint is not in the local cache."""

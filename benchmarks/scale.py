@@ -84,7 +84,7 @@ def child(model_name: str, config: str, lengths: list[int], repeats: int, layers
     logging.disable_progress_bar()
     cuda = device == "cuda"
     attnscope, lm = _build(model_name, layers, dtype, device)
-    spec = str(ROOT / "probes" / "niah_single.toml")
+    spec = "niah_single"  # shipped with the package
 
     def sync():
         if cuda:

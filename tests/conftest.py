@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests never use the network: huggingface_hub reads this at import, so set it before anything
+# imports it. Tests of the online and unreachable-Hub paths patch it off explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -233,3 +233,32 @@ def test_wrong_backend_for_the_object_is_refused(tiny_llama, tiny_ids):
         attnscope.analyze(tiny_llama, token_ids=tiny_ids, backend="pytorch")
     with pytest.raises(BackendError, match="one sequence at a time"):
         attnscope.analyze(bridge, token_ids=[tiny_ids, tiny_ids[:40]])
+
+
+# ------------------------------------------------------------------- tokenisation, rewritten models
+TEXT = "The quick brown fox jumps over the lazy dog. A second sentence follows the first one here."
+
+
+def test_bridge_tokenises_text_like_the_native_path(tiny_llama):
+    """TransformerLens reloads the tokenizer with add_bos_token=True; analyze(bridge, text) must
+    still see the model's own token ids, so it equals the native result."""
+    bridge = boot(tiny_llama)
+    native_ids = tiny_llama.tokenizer(TEXT)["input_ids"]
+    assert len(bridge.tokenizer(TEXT)["input_ids"]) == len(native_ids) + 1  # the BOS TransformerLens adds
+    ref = attnscope.analyze(tiny_llama, TEXT, metrics=METRICS, min_query_position=4)
+    ds = attnscope.analyze(bridge, TEXT, metrics=METRICS, min_query_position=4)
+    assert ds.attrs["n_tokens"] == ref.attrs["n_tokens"] == len(native_ids)
+    assert_same(ds, ref, METRICS, "bridge(text)")
+
+
+def test_model_rewritten_by_a_bridge_gets_a_clear_error(tiny_llama, tiny_ids):
+    """Booting a bridge on a model rewrites it in place; the native and nnsight paths then cannot
+    see attention: one clear error (was nnsight's OutOfOrderError)."""
+    rewritten = copy.deepcopy(tiny_llama.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers("tiny", hf_model=rewritten, tokenizer=tiny_llama.tokenizer)
+    assert attnscope.analyze(bridge, token_ids=tiny_ids, metrics=("sink_mass",)).sizes["layer"] == 4
+    for model in (rewritten, TransformersModel(rewritten, tokenizer=tiny_llama.tokenizer)):
+        with pytest.raises(BackendError, match="rewritten in place by TransformerBridge.boot_transformers"):
+            attnscope.analyze(model, token_ids=tiny_ids)

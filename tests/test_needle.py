@@ -104,7 +104,7 @@ def test_docs_example_block_is_what_the_code_measures(example):
 
 @pytest.fixture(scope="module")
 def p512(smollm2):
-    spec = load_spec(ROOT / "probes" / "niah_single.toml")
+    spec = load_spec("niah_single")
     return build_prompts(spec, smollm2.tokenizer, lengths=[512], depths=[0.5], seeds=[0])[0]
 
 

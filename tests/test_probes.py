@@ -14,7 +14,7 @@ from attnscope.probing.spec import load_spec, parse_spec
 from attnscope.probing.texts import available_texts, load_text, prose
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBES = ROOT / "probes"
+PROBES = ROOT / "attnscope" / "data" / "probes"  # the shipped specs (package data)
 NIAH = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"]
 
 

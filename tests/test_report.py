@@ -575,10 +575,10 @@ def pipeline_store(tmp_path_factory):
     for kind, name in (("llama", "I_pre_32kv_8k_12k"), ("qwen3", "K_post_HQK_8kv_12k"),
                        ("olmo2", "H_post_LQK_32kv_8k_11k")):
         folders[name] = make_tiny_model(kind, base / name, max_position_embeddings=1024) or base / name
-    text = (ROOT / "probes" / "natural_text.toml").read_text()
+    text = (ROOT / "attnscope" / "data" / "probes" / "natural_text.toml").read_text()
     (base / "prose.toml").write_text(text.replace('name = "natural_text"', 'name = "prose_tiny"')
                                      .replace("lengths = [512, 1024, 2048, 4096, 8192]", "lengths = [64, 128]"))
-    niah = (ROOT / "probes" / "niah_single.toml").read_text()
+    niah = (ROOT / "attnscope" / "data" / "probes" / "niah_single.toml").read_text()
     (base / "niah.toml").write_text(niah.replace('name = "niah_single"', 'name = "niah_tiny"')
                                     .replace("depth_tolerance = 0.05", "depth_tolerance = 0.2"))
     store = base / "pipeline.h5"

@@ -76,6 +76,21 @@ def kind_of(model) -> str:
     return "transformers"
 
 
+def rewritten_by_bridge(hf_model) -> bool:
+    """True when `TransformerBridge.boot_transformers` rewrote this transformers model in place
+    (its attention modules are TransformerLens components)."""
+    return any((type(m).__module__ or "").startswith("transformer_lens") for m in hf_model.modules())
+
+
+def _check_not_bridged(hf_model) -> None:
+    if rewritten_by_bridge(hf_model):
+        raise BackendError(
+            "this transformers model was rewritten in place by TransformerBridge.boot_transformers: "
+            "its attention modules are TransformerLens's and no longer call transformers' attention "
+            "function. Analyse the bridge itself, or boot the bridge on a copy "
+            "(hf_model=copy.deepcopy(lm.model)) and keep the original for the native and nnsight backends")
+
+
 def _normalise(backend: str | None, kind: str) -> str:
     if backend is None:
         return kind if kind in ("transformer_lens", "nnsight") else "native"
@@ -112,6 +127,7 @@ def resolve(model, tokenizer=None, backend: str | None = None) -> ModelSource:
                 "an nnsight model cannot run through backend='transformer_lens'; pass a "
                 "TransformerBridge, or use backend='nnsight' or 'native'")
         hf_model = model._module  # the wrapped transformers model
+        _check_not_bridged(hf_model)
         tok = tokenizer or getattr(model, "tokenizer", None)
         label = getattr(getattr(hf_model, "config", None), "_name_or_path", type(hf_model).__name__)
         if name == "native":  # an nnsight wrapper is inert outside a trace
@@ -125,6 +141,7 @@ def resolve(model, tokenizer=None, backend: str | None = None) -> ModelSource:
     else:
         hf_model, tok, revision = model, tokenizer, None
         label = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
+    _check_not_bridged(hf_model)
     if name == "native":
         return native_source(hf_model, tok, label, revision)
     require(name)

@@ -166,7 +166,15 @@ def nnsight_source(nn_model, tokenizer, name, revision) -> ModelSource:
                 cls = type(e._module)
                 if cls not in labels:
                     labels[cls] = find_attention_call(e.source)
-            _trace(nn_model, wanted, labels, observer, input_ids)
+            try:
+                _trace(nn_model, wanted, labels, observer, input_ids)
+            except Exception as exc:
+                if type(exc).__name__ != "OutOfOrderError":
+                    raise
+                # the forward never reached the attention call the trace waits for
+                raise UnsupportedModelError(
+                    f"nnsight: the model ran without calling the attention interface found in "
+                    f"{type(wanted[0]._module).__name__}.forward ({exc}); use backend='native'") from None
         finally:
             for e in wanted:
                 _restore(e._module, before[id(e._module)])

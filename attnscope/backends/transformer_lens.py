@@ -15,6 +15,8 @@ edits reflected in the statistics.
 from __future__ import annotations
 
 import copy
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,40 @@ def boot_bridge(hf_model, tokenizer, name: str):
                                                tokenizer=tokenizer)
 
 
+_NATIVE_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bridge -> tokenizer
+
+
+def native_tokenizer(bridge):
+    """The tokenizer the model ships with, for `bridge`.
+
+    TransformerLens reloads the tokenizer it is given with `add_bos_token=True`
+    (`transformer_lens.utilities.tokenize_utils.get_tokenizer_with_bos`), so `bridge.tokenizer`
+    prepends a BOS token that the model's own tokenizer may not add (SmolLM2: 513 instead of 512
+    tokens, sink mass off by up to 0.04). attnscope tokenises text for a bridge exactly as the
+    native path does: the same tokenizer files, loaded without that override. If they cannot be
+    loaded, the bridge's tokenizer is used with a warning (pass tokenizer= or token_ids=).
+    """
+    tok = getattr(bridge, "tokenizer", None)
+    if tok is None:
+        return None
+    if bridge in _NATIVE_TOKENIZERS:
+        return _NATIVE_TOKENIZERS[bridge]
+    from transformers import AutoTokenizer
+
+    kwargs = dict(getattr(tok, "init_kwargs", {}) or {})
+    source = kwargs.pop("name_or_path", None) or getattr(tok, "name_or_path", None)
+    kwargs.pop("add_bos_token", None)
+    try:
+        native = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:  # no files to reload from: keep TransformerLens's, and say so
+        warnings.warn(f"could not reload the model's own tokenizer from {source!r} ({exc}); text is "
+                      "tokenised with the bridge's (TransformerLens adds a BOS token): pass tokenizer= "
+                      "or token_ids= for the native token ids", stacklevel=3)
+        native = tok
+    _NATIVE_TOKENIZERS[bridge] = native
+    return native
+
+
 def _hf_attention(component):
     return getattr(component, "original_component", None)
 
@@ -72,7 +108,7 @@ def bridge_source(bridge, tokenizer=None, hooks: str = "auto") -> ModelSource:
     """
     hf_model = bridge.original_model
     config = hf_model.config
-    tok = tokenizer or getattr(bridge, "tokenizer", None)
+    tok = tokenizer or native_tokenizer(bridge)
     name = getattr(config, "_name_or_path", type(hf_model).__name__)
     points = set(bridge.hook_dict)
     n_layers = len(bridge.blocks)

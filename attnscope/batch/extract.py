@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from attnscope.batch.plan import Plan, estimate_seconds, format_seconds, make_plan
+from attnscope.batch.plan import Plan, estimate_seconds, format_seconds, make_plan, uncached_checkpoints
 from attnscope.batch.progress import BatchProgress
 from attnscope.batch.runner import RunOptions, run_local, run_ray
 from attnscope.errors import AttnscopeError
+from attnscope.models.hub import unreachable_error
+from attnscope.progress import silenced
 
 
 @dataclass
@@ -19,6 +21,41 @@ class Failure:
     label: str
     error: str
     attempts: int
+    checkpoint: str = ""  # "model@revision"
+    cause: str = ""  # the error with the checkpoint's name taken out: equal causes group
+
+
+@dataclass
+class FailureGroup:
+    """Failed tasks that share one cause (see group_failures)."""
+
+    cause: str
+    tasks: list[Failure]
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return list(dict.fromkeys(f.checkpoint for f in self.tasks))
+
+
+def _cause(error: str, task) -> str:
+    """The error without what names the checkpoint, so one cause on many checkpoints reads once."""
+    rev = f"@{task.revision}" if task.revision else ""
+    out = error
+    for text, repl in ((f"{task.model.name}{rev}", "<checkpoint>"), (f"{task.model.load_id}{rev}", "<checkpoint>"),
+                       (task.model.load_id, "<model>"), (task.model.name, "<model>")):
+        if text:
+            out = out.replace(text, repl)
+    if task.revision:
+        out = out.replace(repr(task.revision), "<revision>")
+    return out
+
+
+def group_failures(failures: Sequence[Failure]) -> list[FailureGroup]:
+    """Failures grouped by cause, largest group first (the CLI prints one row per group)."""
+    groups: dict[str, FailureGroup] = {}
+    for f in failures:
+        groups.setdefault(f.cause or f.error, FailureGroup(f.cause or f.error, [])).tasks.append(f)
+    return sorted(groups.values(), key=lambda g: -len(g.tasks))
 
 
 @dataclass
@@ -127,6 +164,12 @@ def extract(
     plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins)
     keys = set(plan.keys)
     emit_event = on_event or (lambda event: None)
+    missing = uncached_checkpoints([ckpt for ckpt, _ in plan.groups()])
+    if missing and not dry_run:  # fail once, before the batch, not once per task
+        (model, rev), rest = missing[0], len(missing) - 1
+        raise unreachable_error(model.load_id, rev, n_more=rest)
+    if missing:
+        plan.notes.append(str(unreachable_error(missing[0][0].load_id, missing[0][1], n_more=len(missing) - 1)))
 
     if dry_run:
         done, failed, corrupt = _store_state(out, keys)
@@ -155,7 +198,7 @@ def extract(
         emit_event({"event": stage, "task": task.key if task is not None else None, "label": label})
 
     try:
-        with bar:
+        with bar, silenced():  # the batch's own bar; no per-layer or per-prompt bars inside it
             if executor == "local":
                 outcomes = run_local(groups, options, emit)
             else:
@@ -172,8 +215,11 @@ def extract(
                         **task.identity(), "error": outcome.error, "traceback": outcome.traceback or "",
                         "attempts": outcome.attempts, "device": device,
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                    report.failures.append(Failure(outcome.key, task.label(), outcome.error or "",
-                                                   outcome.attempts))
+                    error = outcome.error or ""
+                    report.failures.append(Failure(
+                        outcome.key, task.label(), error, outcome.attempts,
+                        checkpoint=f"{task.model.name}{'@' + task.revision if task.revision else ''}",
+                        cause=_cause(error, task)))
                     emit_event({"event": "failed", "task": outcome.key, "label": task.label()})
                 bar.advance(outcome.ok)
             emit("consolidate", None, str(out))

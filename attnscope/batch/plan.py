@@ -132,38 +132,28 @@ def _olmpool_ref(m) -> ModelRef:
 
 def _one_model(name: str) -> ModelRef:
     from attnscope.models import olmpool
-    from attnscope.models.loading import resolve
+    from attnscope.models.names import resolve_name
 
-    name = name.strip()
-    path = Path(name).expanduser()
-    if not path.exists() and not name.lower().endswith(".gguf"):
-        try:
-            return _olmpool_ref(olmpool.get(name))
-        except ModelNotFoundError as exc:
-            olm_error = exc
-    else:
-        olm_error = None
-    try:
-        source, target, _ = resolve(name)
-    except ModelNotFoundError as exc:
-        hint = f" ({olm_error})" if olm_error else ""
-        raise ModelNotFoundError(f"unknown model {name!r}: {exc}{hint}") from exc
-    if source == "local":
-        p = Path(target).resolve()
+    resolved = resolve_name(name)  # OlmPool names and prefixes, aliases, paths, Hub ids
+    if resolved.olmpool is not None:
+        return _olmpool_ref(olmpool.get(resolved.olmpool))
+    if resolved.kind == "local":
+        p = Path(resolved.target).resolve()
         return ModelRef(str(p), str(p), "local", **_local_shape(p))
-    if source == "gguf":
-        return ModelRef(name, name, "gguf")
-    _check_hub_cache(name)
-    return ModelRef(name, name, "hub")
+    if resolved.kind == "gguf":
+        return ModelRef(resolved.display, resolved.display, "gguf")
+    return ModelRef(resolved.target, resolved.target, "hub")
 
 
-def _check_hub_cache(hub_id: str) -> None:
-    """Offline, a Hub id that is not in the local cache can never load: say so before the batch."""
-    from huggingface_hub import constants
+def uncached_checkpoints(checkpoints) -> list[tuple[ModelRef, str | None]]:
+    """Hub checkpoints that cannot load here: offline (HF_HUB_OFFLINE) or with the Hub unreachable
+    (asked once per process), those not in the local cache. Empty when the Hub answers."""
+    from attnscope.models.hub import checkpoint_cached, hub_reachable, offline_mode
 
-    if constants.HF_HUB_OFFLINE and not (Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}").is_dir():
-        raise ModelNotFoundError(f"unknown model {hub_id!r}: offline mode is on (HF_HUB_OFFLINE) and it is not in "
-                                 f"the Hub cache {constants.HF_HUB_CACHE}; download it first or fix the name")
+    hub = [(m, r) for m, r in checkpoints if m.kind in ("hub", "olmpool")]
+    if not hub or (not offline_mode() and hub_reachable()):
+        return []
+    return [(m, r) for m, r in hub if not checkpoint_cached(m.load_id, r)]
 
 
 def resolve_models(models: str | Sequence[str]) -> list[ModelRef]:
@@ -240,7 +230,8 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
     _parse_dtype(dtype)
     probes = list(probes)
     if not probes:
-        raise AttnscopeError("no probes given: pass --probes probes/<name>.toml")
+        raise AttnscopeError("no probes given: pass --probes NAME (a shipped probe: `attnscope probes`) "
+                             "or a spec file")
     specs = []
     for p in probes:
         spec = load_probe(p)
@@ -248,18 +239,18 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
     query_notes = _check_query_bins(query_bins, [s for _, s in specs])
     refs = resolve_models(models)
     notes: list[str] = []
+    checkpoints = [(ref, rev) for ref in refs for rev in resolve_revisions(ref, revisions, notes)]
     tasks = []
-    for ref in refs:
-        for rev in resolve_revisions(ref, revisions, notes):
-            ctx = _cached_context(ref, rev)
-            for path, spec in specs:
-                too_long = sorted({L for L in spec.grid.lengths if ctx is not None and L > ctx})
-                if too_long:
-                    notes.append(f"{ref.name}{'@' + rev if rev else ''} has a context of {ctx} tokens: the "
-                                 f"{spec.name} tasks of length {', '.join(map(str, too_long))} will fail "
-                                 "(InputTooLongError)")
-                for params in task_params(spec, query_bins):
-                    tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
+    for ref, rev in checkpoints:
+        ctx = _cached_context(ref, rev)
+        for path, spec in specs:
+            too_long = sorted({L for L in spec.grid.lengths if ctx is not None and L > ctx})
+            if too_long:
+                notes.append(f"{ref.name}{'@' + rev if rev else ''} has a context of {ctx} tokens: the "
+                             f"{spec.name} tasks of length {', '.join(map(str, too_long))} will fail "
+                             "(InputTooLongError)")
+            for params in task_params(spec, query_bins):
+                tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
     return Plan(tasks, query_notes + notes)
 
 

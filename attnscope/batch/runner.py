@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 from attnscope.batch.plan import ModelRef, Task
 from attnscope.batch.tasks import TaskCache, run_task
-from attnscope.errors import MemoryGuardError
+from attnscope.errors import AttnscopeError, MemoryGuardError
 from attnscope.validate import is_out_of_memory, out_of_memory_error
 
 Emit = Callable[[str, Task | None, str], None]  # (stage, task, label)
@@ -100,9 +100,11 @@ def run_group(model: ModelRef, revision: str | None, tasks: list[Task], options:
         except Exception as exc:
             load_error = (f"loading {label} failed: {_describe(exc)}", traceback.format_exc())
             free_memory()
+            if isinstance(exc, AttnscopeError):
+                break  # a clear cause (unknown name, offline, remote code, ...): retrying cannot help
     if lm is None:
         for t in tasks:
-            yield Outcome(t.key, False, error=load_error[0], traceback=load_error[1], attempts=attempts)
+            yield Outcome(t.key, False, error=load_error[0], traceback=load_error[1], attempts=attempt + 1)
         return
     t0 = time.perf_counter()
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import xarray as xr
 
-from attnscope.errors import ProbeBuildError, SpecError
+from attnscope.errors import ProbeBuildError
 from attnscope.probing.needle import run_probe
 from attnscope.probing.spec import load_spec
 
@@ -30,10 +30,7 @@ NATURAL_TEXT_METRICS = ("sink_mass", "token0_mass", "token0_importance", "entrop
 
 
 def load_probe(path: str | Path):
-    """Read and validate a probe spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"probe spec {str(path)!r} does not exist (see probes/*.toml for examples)")
+    """Read and validate a probe spec: a file or a shipped probe's name."""
     return load_spec(path)
 
 

@@ -20,6 +20,7 @@ from attnscope.metrics.reductions import (
     RowPlan,
     StatsRecorder,
 )
+from attnscope.progress import bar as progress_bar
 from attnscope.validate import check_count, check_metrics, check_sink_tokens, is_out_of_memory, out_of_memory_error
 
 # Full maps beyond this many bytes are refused (override with pattern_limit_bytes=).
@@ -88,6 +89,7 @@ def analyze(
     query_bins: int | None = None,
     kernel: str = "auto",
     row_pass: str = "auto",
+    progress: bool | None = None,
 ) -> xr.Dataset:
     """Exact attention statistics per layer and query head of `model` on `text`.
 
@@ -104,6 +106,7 @@ def analyze(
     queries; coordinate = bin start) from the same pass. kernel= forces an attention kernel
     ("auto", "flex", "cpu_flash", "grouped", "reference"); row_pass= chooses how row metrics are
     computed ("auto": the feature pass on GPU, chunked on CPU; "features"; "chunked").
+    `progress`: a per-layer bar (None: in a terminal or notebook only; see attnscope.progress).
     """
     source = _resolve(model, tokenizer, backend)
     hf_model, tokenizer, name, revision = source.hf_model, source.tokenizer, source.name, source.revision
@@ -158,9 +161,11 @@ def analyze(
         attention_mask[b, longest - len(s):] = 1
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
                              max_length=longest, row_pass=row_pass)
+    wanted = sum(recorder.wants(i) for i in range(n_layers))
     try:
-        with kernel_settings(kernel):
-            source.run(recorder, input_ids.to(device),
+        with kernel_settings(kernel), progress_bar(wanted, f"{name}: {longest} tokens", unit="layer",
+                                                   progress=progress) as bar:
+            source.run(bar.watch(recorder), input_ids.to(device),
                        attention_mask.to(device) if len(seqs) > 1 else None)
     except Exception as exc:
         if is_out_of_memory(exc):  # one line naming the length and what to lower (docs/refusals.md)

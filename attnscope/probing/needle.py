@@ -39,6 +39,7 @@ from attnscope.errors import AttnscopeError
 from attnscope.metrics.reductions import RowPlan, StatsRecorder, keyset_probs
 from attnscope.probing.builder import Prompt, build_prompts
 from attnscope.probing.spec import ProbeSpec, load_spec
+from attnscope.progress import track
 
 QUERY_SETS = ("question", "final", "answer")
 NEEDLE_SPANS = ("needle_value", "needle_key")
@@ -365,7 +366,7 @@ def run_probe(lm, spec: ProbeSpec | str, *, lengths: Sequence[int] | None = None
               decode: bool = True, layers: Sequence[int] | None = None,
               sink_tokens: int = 4, answer_mode: str = "greedy", retrieval_count: str = "steps",
               retrieval_span: str = "needle_value", max_new_tokens: int | None = None,
-              query_bins: int | None = None) -> xr.Dataset:
+              query_bins: int | None = None, progress: bool | None = None) -> xr.Dataset:
     """Run a probe's grid on a loaded model; dims (length, depth, seed, ...) + per-prompt results.
 
     NIAH probes give `needle_share` (length, depth, seed, query_set, span, layer, head),
@@ -375,13 +376,15 @@ def run_probe(lm, spec: ProbeSpec | str, *, lengths: Sequence[int] | None = None
     Natural-text probes give the core streaming metrics per (length, depth, seed); with
     query_bins=N also per bin of query position (`<metric>_by_query`; `query_bin` is then the bin
     index, since lengths differ, and `query_bin_start` holds each prompt's bin starts).
+    `spec` is a ProbeSpec, a spec file or a shipped probe's name ("niah_single"); `progress`: a
+    per-prompt bar (None: in a terminal or notebook only; see attnscope.progress).
     """
     import attnscope
 
     _check_choice("answer_mode", answer_mode, ANSWER_MODES)
     _check_choice("retrieval_count", retrieval_count, RETRIEVAL_COUNTS)
     _check_choice("retrieval_span", retrieval_span, RETRIEVAL_SPANS)
-    if isinstance(spec, str):
+    if not isinstance(spec, ProbeSpec):
         spec = load_spec(spec)
     if lm.tokenizer is None:
         raise AttnscopeError(f"{lm.name} has no tokenizer; probes are built in the model's own tokens")
@@ -390,12 +393,12 @@ def run_probe(lm, spec: ProbeSpec | str, *, lengths: Sequence[int] | None = None
     if spec.task != "natural_text":
         measured = [measure_niah(lm, p, layers=layers, sink_tokens=sink_tokens, decode=decode,
                                  answer_mode=answer_mode, max_new_tokens=max_new_tokens)
-                    for p in prompts]
+                    for p in track(prompts, f"{spec.name} on {lm.name}", unit="prompt", progress=progress)]
         return niah_grid(lm, spec, measured, retrieval_count=retrieval_count,
                          retrieval_span=retrieval_span, max_new_tokens=max_new_tokens)
     parts = [attnscope.analyze(lm, token_ids=p.token_ids, layers=layers, sink_tokens=sink_tokens,
-                               query_bins=query_bins)
-             for p in prompts]
+                               query_bins=query_bins, progress=False)
+             for p in track(prompts, f"{spec.name} on {lm.name}", unit="prompt", progress=progress)]
     kernels = json.loads(parts[0].attrs["attention_kernels"])
     parts = [ds.drop_vars([v for v in ds.data_vars if v == "distance_profile"]) for ds in parts]
     if query_bins is not None:  # bin starts differ with the length: index them, keep the starts

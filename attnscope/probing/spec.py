@@ -242,10 +242,11 @@ def parse_spec(data: dict, source: str = "<spec>") -> ProbeSpec:
 
 
 def load_spec(path: str | Path) -> ProbeSpec:
-    """Read and validate a probe spec TOML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"probe spec {str(path)!r} does not exist (see probes/*.toml for examples)")
+    """Read and validate a probe spec: a TOML file, or the name of a shipped spec
+    (`niah_single`; `attnscope probes` lists them, see attnscope.probing.catalog)."""
+    from attnscope.probing.catalog import find_spec_file
+
+    path = find_spec_file(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

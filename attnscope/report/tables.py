@@ -473,7 +473,7 @@ def needle_table(source) -> pd.DataFrame:
                      .reset_index())
     if not parts:
         raise StoreError(f"no task in {store_label(source)} measured a needle share; run a needle probe "
-                         "(probes/niah_*.toml)")
+                         "(the niah_* probes)")
     out = pd.concat(parts, ignore_index=True)
     out["revision"] = out["revision"].map(lambda r: r if isinstance(r, str) else "")
     out.attrs = dict(df.attrs)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from attnscope.errors import AttnscopeError
+from attnscope.progress import bar as progress_bar
 
 __all__ = ["token_losses", "compare", "align_losses", "tokenize_document", "normalize_documents"]
 
@@ -163,7 +164,7 @@ def token_losses(
     min_context: int = 512,
     batch_size: int = 4,
     prepend_bos: bool | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """One row per scored token of each document, with its loss in nats.
 
@@ -200,14 +201,7 @@ def token_losses(
     ctx: list[np.ndarray] = [np.full(len(d.ids), -1, dtype=np.int64) for d in docs]
     device = _device_of(model)
 
-    prog = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        prog = Progress(TextColumn("[bold]token losses"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        task = prog.add_task("windows", total=len(jobs))
-        prog.start()
-    try:
+    with progress_bar(len(jobs), "token losses", unit="window", progress=progress) as prog:
         for b0 in range(0, len(jobs), batch_size):
             batch = jobs[b0 : b0 + batch_size]
             L = max(e - s for _, s, e, _ in batch)
@@ -231,11 +225,7 @@ def token_losses(
                     tok_idx = np.arange(first, e) - off  # input position -> text token index
                     losses[d_i][tok_idx] = nll.double().cpu().numpy()
                     ctx[d_i][tok_idx] = np.arange(first, e) - s
-            if prog is not None:
-                prog.advance(task, len(batch))
-    finally:
-        if prog is not None:
-            prog.stop()
+            prog.advance(len(batch))
 
     frames = []
     for d_i, d in enumerate(docs):

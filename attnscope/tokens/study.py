@@ -80,7 +80,7 @@ def run_study(
     label_a: str = "A", label_b: str = "B",
     window: int = 2048, min_context: int = 512, batch_size: int = 4,
     tagger: str = "auto", min_repeat: int = MIN_REPEAT, n_boot: int = 1000, seed: int = 0,
-    progress: bool = True, overwrite: bool = False,
+    progress: bool | None = None, overwrite: bool = False,
 ) -> dict[str, Path]:
     """Compare two models token by token on ``documents`` and write everything to ``out``.
 
