@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--heading", default="## Core: streaming statistics vs a plain forward",
+                    help="the section of --out to write")
     ap.add_argument("--eager-max", type=int, default=4096,
                     help="skip eager above this length (its maps alone exceed the memory cap)")
     args = ap.parse_args()
@@ -141,15 +143,15 @@ def main() -> None:
               "peak RSS = the whole process, model included.")
     print(header + "\n\n" + md)
     if args.out:
-        write_section(Path(args.out), "## Core: streaming statistics vs a plain forward",
-                      header + "\n\n" + md + "\n")
+        command = " ".join(["python benchmarks/run.py"] + sys.argv[1:])
+        write_section(Path(args.out), args.heading, header + "\n\n" + md + "\n", command)
 
 
-def write_section(path: Path, heading: str, body: str) -> None:
+def write_section(path: Path, heading: str, body: str, command: str) -> None:
     """Replace (or append) one `## ` section of a markdown file, keeping the others."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(heading)
-    block = f"{heading}\n\nCommand: `python benchmarks/run.py --out {path}`\n\n{body}\n"
+    block = f"{heading}\n\nCommand: `{command}`\n\n{body}\n"
     if start < 0:
         text = text.rstrip() + "\n\n" + block
     else:
