@@ -96,22 +96,28 @@ def indicator_effects(table: pd.DataFrame, score: str = "helmet_32k"):
     return fig
 
 
-def score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: str = "sink_mass"):
-    """Score vs an attention metric; hover: model, revision, QK norm, metric, score."""
-    go = _go()
+def _qk_scatter(go, table: pd.DataFrame, score: str, metric: str, *, showlegend: bool = True):
+    """One marker trace per QK-norm kind of `score` vs `metric`; hover: model, revision, QK norm."""
     data = table.dropna(subset=[score, metric])
-    fig = go.Figure()
     kinds = data["qk_norm"].map(qk_kind) if "qk_norm" in data else pd.Series("n/a", index=data.index)
     for kind in QK_COLORS:
         d = data[kinds == kind]
         if d.empty:
             continue
-        fig.add_trace(go.Scatter(
-            x=d[metric], y=d[score], mode="markers", name=QK_LABELS[kind],
-            marker=dict(color=QK_COLORS[kind], size=9),
+        yield go.Scatter(
+            x=d[metric], y=d[score], mode="markers", name=QK_LABELS[kind], legendgroup=kind,
+            showlegend=showlegend, marker=dict(color=QK_COLORS[kind], size=9),
             customdata=_text_cols(d, ["model", "revision", "qk_norm"]),
             hovertemplate="model %{customdata[0]}<br>revision %{customdata[1]}<br>QK norm %{customdata[2]}"
-                          f"<br>{metric} %{{x:.4f}}<br>{score} %{{y:.2f}}<extra></extra>"))
+                          f"<br>{metric} %{{x:.4f}}<br>{score} %{{y:.2f}}<extra></extra>")
+
+
+def score_vs_metric(table: pd.DataFrame, score: str = "helmet_32k", metric: str = "sink_mass"):
+    """Score vs an attention metric; hover: model, revision, QK norm, metric, score."""
+    go = _go()
+    fig = go.Figure()
+    for trace in _qk_scatter(go, table, score, metric):
+        fig.add_trace(trace)
     return _layout(fig, f"{score_label(score)} vs {metric_label(metric)}", metric_label(metric), score_label(score))
 
 
@@ -126,18 +132,8 @@ def score_vs_metrics(table: pd.DataFrame, score: str = "helmet_32k",
     fig = make_subplots(rows=1, cols=len(metrics), shared_yaxes=True,
                         subplot_titles=[metric_label(m).split(" (")[0] for m in metrics])
     for j, metric in enumerate(metrics, start=1):
-        data = table.dropna(subset=[score, metric])
-        kinds = data["qk_norm"].map(qk_kind) if "qk_norm" in data else pd.Series("n/a", index=data.index)
-        for kind in QK_COLORS:
-            d = data[kinds == kind]
-            if d.empty:
-                continue
-            fig.add_trace(go.Scatter(
-                x=d[metric], y=d[score], mode="markers", name=QK_LABELS[kind], legendgroup=kind,
-                showlegend=j == 1, marker=dict(color=QK_COLORS[kind], size=9),
-                customdata=_text_cols(d, ["model", "revision", "qk_norm"]),
-                hovertemplate="model %{customdata[0]}<br>revision %{customdata[1]}<br>QK norm %{customdata[2]}"
-                              f"<br>{metric} %{{x:.4f}}<br>{score} %{{y:.2f}}<extra></extra>"), row=1, col=j)
+        for trace in _qk_scatter(go, table, score, metric, showlegend=j == 1):
+            fig.add_trace(trace, row=1, col=j)
         fig.update_xaxes(title_text=metric_label(metric, epsilon=eps), row=1, col=j)
     fig.update_yaxes(title_text=score_label(score), row=1, col=1)
     fig.update_layout(title=f"{score_label(score)} vs " + " and ".join(metric_label(m).split(" (")[0] for m in metrics),
