@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from markdown_section import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("attnscope", "sdpa", "transformer_lens", "nnsight")
 PEERS = ("transformer_lens", "nnsight")
@@ -228,18 +230,6 @@ def largest(results):
     return out
 
 
-def write_doc(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt:] if nxt != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=4, metavar=("CONFIG", "T", "REPEATS", "LIMIT_GB"), help=argparse.SUPPRESS)
@@ -309,7 +299,7 @@ def main(argv=None):
     table = fmt_table(results, args.lengths)
     print(table)
     if not args.no_write:
-        write_doc(args.doc, render(results, meta, table, args))
+        write_section(args.doc, SECTION, render(results, meta, table, args))
 
 
 def render(results, meta, table, args) -> str:

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from markdown_section import command_line, write_section
+
 CONFIGS = {
     "sdpa": "plain sdpa forward (baseline)",
     "sink_span": "attnscope sink_mass + token0_mass + span_mass",
@@ -143,21 +145,8 @@ def main() -> None:
               "peak RSS = the whole process, model included.")
     print(header + "\n\n" + md)
     if args.out:
-        command = " ".join(["python benchmarks/run.py"] + sys.argv[1:])
-        write_section(Path(args.out), args.heading, header + "\n\n" + md + "\n", command)
-
-
-def write_section(path: Path, heading: str, body: str, command: str) -> None:
-    """Replace (or append) one `## ` section of a markdown file, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    block = f"{heading}\n\nCommand: `{command}`\n\n{body}\n"
-    if start < 0:
-        text = text.rstrip() + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
+        write_section(Path(args.out), args.heading, header + "\n\n" + md,
+                      command_line("run.py", sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from markdown_section import command_line, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "forward": "plain forward (sdpa), no statistics",
@@ -226,8 +228,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({f"{m}|{c}": v for (m, c), v in results.items()}, indent=1))
     if args.out:
         heading = "## Scale: OlmPool 7B shapes on " + ("GPU" if args.device == "cuda" else "CPU")
-        command = " ".join(["python benchmarks/scale.py"] + sys.argv[1:])
-        write_section(Path(args.out), heading, f"Command: `{command}`\n\n{header}\n\n{md}\n")
+        write_section(Path(args.out), heading, f"{header}\n\n{md}", command_line("scale.py", sys.argv[1:]))
 
 
 def _cuda() -> bool:
@@ -245,7 +246,7 @@ def _header(args, layers, dtype, lengths, seconds: float) -> str:
 
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{platform.machine()}, {os.cpu_count()} CPUs")
-    depth = f"{layers} layers" if layers else "all layers"
+    depth = f"{layers} layer{'s' * (layers != 1)}" if layers else "all layers"
     return (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {where}; torch "
             f"{torch.__version__}, transformers {transformers.__version__}; randomly initialised "
             f"models of the registry rows' shapes ({depth}, {dtype}); {args.repeats} timed runs per "
@@ -253,19 +254,6 @@ def _header(args, layers, dtype, lengths, seconds: float) -> str:
             + ("one process per model and configuration, peak memory reset per length"
                if args.device == "cuda" else "one process per run; peak RSS of the whole process")
             + f". The whole run took {seconds / 60:.1f} min.")
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) one `## ` section of a markdown file, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    block = f"{heading}\n\n{body}\n"
-    if start < 0:
-        text = text.rstrip() + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":
