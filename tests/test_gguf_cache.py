@@ -109,3 +109,20 @@ def test_smollm2_copy_loads_from_the_same_conversion(smollm2, tmp_path, monkeypa
     _no_conversion(monkeypatch)
     lm = attnscope.load(str(copy))
     assert lm.path == smollm2.path == str(gguf_cache_dir(smollm2_gguf()))
+
+
+def test_cache_follows_the_umask(tmp_path, cache, monkeypatch):
+    """Digest memos and converted folders get the umask's modes, so a shared cache can be shared
+    (mkstemp and mkdtemp alone give 0600 and 0700)."""
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(1024))
+    monkeypatch.setattr(gguf_cache, "_convert", lambda path, out: (out / "config.json").write_text("{}"))
+    old = os.umask(0o022)
+    try:
+        folder = convert_gguf(src)
+    finally:
+        os.umask(old)
+    memo, = (cache / "gguf" / "digests").glob("*.json")
+    assert memo.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / MARKER).stat().st_mode & 0o777 == 0o644

@@ -1,6 +1,7 @@
 """Checkpoint listing: parsing, ordering, mocked Hub listing, offline manifest, offline errors."""
 
 import json
+import os
 import random
 import threading
 
@@ -171,3 +172,13 @@ def test_cli_revisions(fake_hub, tmp_path, monkeypatch):
     assert res.exit_code == 0 and "end of pretraining" in res.stdout
     res = runner.invoke(app, ["revisions", "allenai/I_pre_32kv_8k_12k", "--offline"])
     assert res.exit_code == 2 and "manifest" in res.output
+
+
+def test_manifest_follows_the_umask(fake_hub, tmp_path):
+    """A cached manifest is readable by the group where the umask allows it (mkstemp alone: 0600)."""
+    old = os.umask(0o027)
+    try:
+        rv.list_revisions(REPO, cache_dir=tmp_path, offline=False)
+    finally:
+        os.umask(old)
+    assert rv.manifest_path(REPO, tmp_path).stat().st_mode & 0o777 == 0o640

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from attnscope.files import make_private_dir_public, write_json_atomic
+
 MARKER = "attnscope-gguf.json"  # written last: a folder without it is incomplete
 _LEGACY_NAME = re.compile(r"^(?P<stem>.+)-(?P<key>[0-9a-f]{16})$")
 
@@ -33,18 +35,6 @@ def cache_root() -> Path:
 
 def _gguf_root() -> Path:
     return cache_root() / "gguf"
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_digest(path: Path) -> str:
@@ -65,7 +55,7 @@ def file_digest(path: Path) -> str:
             h.update(block)
     digest = h.hexdigest()
     try:
-        _write_json_atomic(memo, {**stamp, "sha256": digest})
+        write_json_atomic(memo, {**stamp, "sha256": digest})
     except OSError:  # a read-only cache still works, it only hashes again
         pass
     return digest
@@ -89,9 +79,7 @@ def _complete(folder: Path) -> bool:
 
 def _new_folder(target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a cache follows the user's umask
+    make_private_dir_public(tmp)  # mkdtemp makes it 0700; a cache follows the user's umask
     return tmp
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from attnscope.errors import ModelNotFoundError, OfflineError
+from attnscope.files import write_json_atomic
 
 __all__ = [
     "Revision",
@@ -95,20 +95,6 @@ def manifest_path(hf_name: str, cache_dir: str | os.PathLike | None = None) -> P
 
 def _env_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest(path: Path, hf_name: str | None) -> list[Revision]:
@@ -204,13 +190,13 @@ def list_revisions(
                                          "private: log in with `hf auth login`).") from e
             network_error = e
         else:
-            _write_atomic(path, {
+            write_json_atomic(path, {
                 "version": MANIFEST_VERSION,
                 "repo_id": hf_name,
                 "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": "huggingface_hub.HfApi.list_repo_refs",
                 "refs": refs,
-            })
+            }, indent=1)
             return _sorted([parse_revision(r["name"], r["commit"], r["kind"]) for r in refs])
     if path.exists():
         return _read_manifest(path, hf_name)

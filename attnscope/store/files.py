@@ -20,36 +20,15 @@ from pathlib import Path
 from typing import Iterator
 
 from attnscope.errors import OutputExistsError, StoreError
+from attnscope.files import default_file_mode, fsync_dir
 
 __all__ = ["default_file_mode", "is_batch_store", "check_output_file", "check_output_dir",
            "atomic_output", "fsync_dir", "fsync_file"]
 
 
-def default_file_mode() -> int:
-    """0o666 minus the process umask: the mode `open()` would give a new file."""
-    try:  # Linux >= 4.7 reports it without changing it
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: read it by setting it (and put it straight back)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def fsync_file(path: str | os.PathLike) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_batch_store(path: str | os.PathLike) -> bool:

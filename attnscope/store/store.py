@@ -46,6 +46,7 @@ import pandas as pd
 import xarray as xr
 
 from attnscope.errors import CorruptDataError, StoreError
+from attnscope.files import write_json_atomic
 from attnscope.store import checksum
 from attnscope.store.files import (atomic_output, check_output_file, default_file_mode, fsync_dir,
                                    fsync_file)
@@ -143,21 +144,6 @@ def _identity(attrs) -> dict[str, Any]:
     out["revision"] = out["revision"] or None
     out["params"] = json.loads(out["params"]) if out["params"] else {}
     return out
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
 
 
 def _write_failure(group: h5py.Group, record: dict) -> None:
@@ -438,7 +424,7 @@ class StoreWriter:
         """Record a task's final failure (error, traceback, attempts); a later success replaces it."""
         if key in self._done:
             return
-        _write_json_atomic(self.side / f"{key}.failed.json", record)
+        write_json_atomic(self.side / f"{key}.failed.json", record)
         self._failed.add(key)
         self._maybe_consolidate()
 
