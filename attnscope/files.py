@@ -13,12 +13,14 @@ attnscope creates:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["default_file_mode", "default_dir_mode", "fsync_dir", "make_private_dir_public",
+__all__ = ["atomic_path", "default_file_mode", "default_dir_mode", "fsync_dir", "make_private_dir_public",
            "write_json_atomic"]
 
 
@@ -58,16 +60,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike, data, *, indent: int | None = None) -> None:
-    """Write `data` as JSON to `path`: readers see the old file or the new one, never half of one.
-    Creates the parent folders (with the umask's mode)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder (named `<name>.<random>.tmp`); on normal exit the
+    file written there is fsynced, given the umask's mode and renamed over `path`, so readers see
+    the old file or the new one, never half of one. On an error it is removed. Creates the parent
+    folders (with the umask's mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=indent, sort_keys=True)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
@@ -75,3 +80,9 @@ def write_json_atomic(path: str | os.PathLike, data, *, indent: int | None = Non
         if os.path.exists(tmp):
             os.unlink(tmp)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, data, *, indent: int | None = None) -> None:
+    """Write `data` as JSON to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=True), encoding="utf-8")

@@ -181,14 +181,17 @@ def _needle_result(lm, revision_index: int, length: int, depth: float) -> xr.Dat
 @pytest.fixture(scope="module")
 def results(tiny):
     """{(model label, revision, length, depth): Dataset} from tiny models of four families."""
-    out = {}
+    return {(label, rev, L, d): _needle_result(lm, r, L, d) for lm, label, r, rev, L, d in _grid(tiny)}
+
+
+def _grid(tiny):
+    """(model, label, revision index, revision, length, depth) for every cell of the test grid."""
     for kind, label in LABELS.items():
         lm = tiny(kind)
         for r, rev in enumerate(REVISIONS):
             for L in LENGTHS:
                 for d in DEPTHS:
-                    out[(label, rev, L, d)] = _needle_result(lm, r, L, d)
-    return out
+                    yield lm, label, r, rev, L, d
 
 
 @pytest.fixture(scope="module")
@@ -321,13 +324,9 @@ def eager_alpha0(tiny):
     from reference import eager_maps
 
     out = {}
-    for kind, label in LABELS.items():
-        lm = tiny(kind)
-        for r, rev in enumerate(REVISIONS):
-            for L in LENGTHS:
-                for d in DEPTHS:
-                    maps = eager_maps(lm.model, torch.tensor([_ids(r, L, d)]))
-                    out[(label, rev, L, d)] = np.stack([maps[k][0, :, :, 0].sum(-1) / L for k in sorted(maps)])
+    for lm, label, r, rev, L, d in _grid(tiny):
+        maps = eager_maps(lm.model, torch.tensor([_ids(r, L, d)]))
+        out[(label, rev, L, d)] = np.stack([maps[k][0, :, :, 0].sum(-1) / L for k in sorted(maps)])
     return out
 
 

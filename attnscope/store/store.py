@@ -46,7 +46,7 @@ import pandas as pd
 import xarray as xr
 
 from attnscope.errors import CorruptDataError, StoreError
-from attnscope.files import write_json_atomic
+from attnscope.files import atomic_path, write_json_atomic
 from attnscope.store import checksum
 from attnscope.store.files import (atomic_output, check_output_file, default_file_mode, fsync_dir,
                                    fsync_file)
@@ -403,18 +403,9 @@ class StoreWriter:
         if key in self._done:
             return
         target = self.side / f"{key}.h5"
-        fd, tmp = tempfile.mkstemp(dir=self.side, prefix=f"{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             with h5py.File(tmp, "w", libver=LIBVER) as f:
                 write_dataset(f, ds)
-            _fsync_file(Path(tmp))
-            os.chmod(tmp, default_file_mode())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _fsync_dir(self.side)
         self._done.add(key)
         self._failed.discard(key)
         self._pending_bytes += target.stat().st_size
