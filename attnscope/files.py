@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "default_file_mode", "default_dir_mode", "fsync_dir", "make_private_dir_public",
-           "write_json_atomic"]
+__all__ = ["atomic_path", "default_file_mode", "default_dir_mode", "fsync_dir", "fsync_file",
+           "make_private_dir_public", "write_json_atomic"]
 
 
 def _umask() -> int:
@@ -52,6 +52,11 @@ def make_private_dir_public(path: str | os.PathLike) -> None:
     os.chmod(path, default_dir_mode())
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -72,8 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:

@@ -20,15 +20,10 @@ from pathlib import Path
 from typing import Iterator
 
 from attnscope.errors import OutputExistsError, StoreError
-from attnscope.files import default_file_mode, fsync_dir
+from attnscope.files import default_file_mode, fsync_dir, fsync_file
 
 __all__ = ["default_file_mode", "is_batch_store", "check_output_file", "check_output_dir",
            "atomic_output", "fsync_dir", "fsync_file"]
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def is_batch_store(path: str | os.PathLike) -> bool:
