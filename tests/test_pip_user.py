@@ -162,6 +162,21 @@ def test_missing_extra_is_one_line(monkeypatch, tmp_path):
     assert res.exit_code == 2 and "pip install 'attnscope[stats,plot]'" in res.output
 
 
+def test_demo_writes_its_result_and_heatmap(smollm2, tmp_path):
+    """The README's `make demo` path, matplotlib present: the result file and a real PNG; a second
+    run without --overwrite refuses and leaves both byte-identical."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "d"
+    res = CliRunner().invoke(app, ["demo", "--tokens", "64", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    png = out / "sink_mass_heatmap.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = CliRunner().invoke(app, ["demo", "--tokens", "64", "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_demo_without_matplotlib_says_so(smollm2, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     res = CliRunner().invoke(app, ["demo", "--tokens", "64", "--out", str(tmp_path / "d"), "--quiet"])

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import xarray as xr
 
+from attnscope.store.files import atomic_output
+
 
 def heatmap_figure(da: xr.DataArray, metric: str | None = None, *, title: str | None = None,
                    source: str = ""):
