@@ -19,12 +19,16 @@ _reachable: dict[str, bool] = {}  # endpoint -> answer, for this process
 _lock = threading.Lock()
 
 
+def offline_env() -> bool:
+    """HF_HUB_OFFLINE as the environment says now."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def offline_mode() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
     from huggingface_hub import constants
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return bool(constants.HF_HUB_OFFLINE) or env
+    return bool(constants.HF_HUB_OFFLINE) or offline_env()
 
 
 def endpoint() -> str:

@@ -93,10 +93,6 @@ def manifest_path(hf_name: str, cache_dir: str | os.PathLike | None = None) -> P
     return _cache_root(cache_dir) / "revisions" / f"{safe}.json"
 
 
-def _env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _read_manifest(path: Path, hf_name: str | None) -> list[Revision]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -175,9 +171,9 @@ def list_revisions(
     path = manifest_path(hf_name, cache_dir)
     network_error: BaseException | None = None
     if offline is None:  # automatic: HF_HUB_OFFLINE, else one reachability check per process
-        from attnscope.models.hub import endpoint, hub_reachable
+        from attnscope.models.hub import endpoint, hub_reachable, offline_env
 
-        offline = _env_offline()
+        offline = offline_env()
         if not offline and not hub_reachable():
             offline = True
             network_error = ConnectionError(f"{endpoint()} cannot be reached")
