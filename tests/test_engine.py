@@ -118,10 +118,13 @@ def test_kv_cache_offset_queries(tiny, family, kernel, single_thread):
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (1, 44))
     with torch.no_grad():
-        lm.model.set_attn_implementation("eager")
-        want = lm.model(input_ids=ids).logits[0, 30:]
-        lm.model.set_attn_implementation("sdpa")
-        past = lm.model(input_ids=ids[:, :30], use_cache=True).past_key_values
+        try:  # the fixture's model is shared: leave it routed through attnscope, as loaded
+            lm.model.set_attn_implementation("eager")
+            want = lm.model(input_ids=ids).logits[0, 30:]
+            lm.model.set_attn_implementation("sdpa")
+            past = lm.model(input_ids=ids[:, :30], use_cache=True).past_key_values
+        finally:
+            lm.model.set_attn_implementation("attnscope")
 
     class Keep:
         needs_lse = True

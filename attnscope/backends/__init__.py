@@ -195,7 +195,8 @@ def key_padding_mask(attention_mask: torch.Tensor | None, n_queries: int) -> tor
 
 
 def row_lse(attn, chunk_elements: int = 1 << 23) -> torch.Tensor:
-    """[B, H, T] float32 log-sum-exp of every query row of `attn` under its visibility rule.
+    """[B, H, T] float32 log-sum-exp of every query row of `attn` under its visibility rule
+    (a learned sink included).
 
     Peers do not return the LSE of their softmax, so it is recomputed from q and k, in query
     chunks so that memory stays O(chunk x S) rather than O(T x S).
@@ -210,5 +211,7 @@ def row_lse(attn, chunk_elements: int = 1 << 23) -> torch.Tensor:
             k_hi = int(rows.max()) + attn.q_offset + 1
             s = attn.scores(b, rows, slice(0, k_hi))
             vis = attn.visible(rows, 0, k_hi)[b]
-            out[b, :, i0:i0 + len(rows)] = torch.logsumexp(s.masked_fill(~vis[None], float("-inf")), -1)
+            lse = torch.logsumexp(s.masked_fill(~vis[None], float("-inf")), -1)
+            sink = attn.sink_logits(b, rows)
+            out[b, :, i0:i0 + len(rows)] = lse if sink is None else torch.logaddexp(lse, sink)
     return out

@@ -26,7 +26,8 @@ import ast
 import torch
 
 from attnscope.backends import ModelSource, require, row_lse
-from attnscope.capture.interface import LayerAttention, _bool_mask, layer_window, _row_starts
+from attnscope.capture.interface import (LayerAttention, _row_starts, layer_window, read_kwargs,
+                                        split_mask)
 from attnscope.errors import BackendError, UnsupportedModelError
 
 _INTERFACE_SOURCES = ("ALL_ATTENTION_FUNCTIONS", "get_interface", "eager_attention_forward",
@@ -197,15 +198,22 @@ def _trace(nn_model, wanted, labels, observer, input_ids):
                         "(module, query [B,H,T,d], key [B,KVH,S,d], ...); use backend='native'"))
                     break
                 query, key = args[1].detach(), args[2].detach()
-                mask = _bool_mask(args[4] if len(args) > 4 else kwargs.get("attention_mask"))
+                call_kwargs = {k: v for k, v in kwargs.items()
+                               if k not in ("attention_mask", "scaling", "dropout")}
+                terms = read_kwargs(module, query, key, kwargs.get("dropout", 0.0), call_kwargs)
+                mask, mask_bias = split_mask(args[4] if len(args) > 4 else kwargs.get("attention_mask"),
+                                             query.shape[1])
+                bias = terms.bias if mask_bias is None else (
+                    mask_bias if terms.bias is None else terms.bias + mask_bias)
                 scale = kwargs.get("scaling")
                 scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
-                window = layer_window(module, kwargs)
+                window = layer_window(module, terms.window)
                 if window is not None and window >= key.shape[2]:
                     window = None
                 attn = LayerAttention(int(module.layer_idx), query, key, scale,
                                       key.shape[2] - query.shape[2], None, mask, window, None,
-                                      kwargs.get("softcap"), _row_starts(mask, query.shape[0], query.device))
+                                      terms.softcap, _row_starts(mask, query.shape[0], query.device),
+                                      bias=bias, sinks=terms.sinks, indices=terms.indices)
                 if observer.needs_lse:
                     attn.lse = row_lse(attn)
                 observer.observe(attn)

@@ -149,7 +149,7 @@ def bridge_source(bridge, tokenizer=None, hooks: str = "auto") -> ModelSource:
             scale = float(getattr(hf_attn, "scaling", query.shape[-1] ** -0.5))
             softcap = getattr(hf_attn, "attn_logit_softcapping", None)
             mask = key_padding_mask(attention_mask, query.shape[2])
-            window = layer_window(hf_attn, {"sliding_window": getattr(hf_attn, "sliding_window", None)})
+            window = layer_window(hf_attn, getattr(hf_attn, "sliding_window", None))
             if window is not None and window >= key.shape[2]:
                 window = None
             return LayerAttention(layer, query, key, scale, key.shape[2] - query.shape[2], None, mask,

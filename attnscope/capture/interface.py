@@ -18,7 +18,7 @@ import torch
 
 from attnscope.capture import kernels
 from attnscope.capture.visibility import AttentionEdit, Visibility, bool_mask, row_starts
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, UnsupportedModelError
 
 ATTN_IMPLEMENTATION = "attnscope"
 # kept importable from here (older code and the peers' backends use these names)
@@ -55,6 +55,14 @@ class LayerAttention:
     # library (TransformerLens, nnsight) ran the attention
     kernel: str = "external"
     key_start: int = 0
+    # additive score term [B|1, H|1, T, S] float32 (a relative-position bias, a per-head float
+    # mask), or None; score(i, j) = softcap(scale * q_i . k_j) + bias[i, j]
+    bias: torch.Tensor | None = None
+    # learned sink logits [B|1, H, T|1] float32 (gpt-oss `s_aux`), or None: one more softmax entry
+    # with no value, already included in `lse`, so real-key probabilities sum to < 1
+    sinks: torch.Tensor | None = None
+    # int [B, T, k]: the keys each row may see under a sparse top-k selection, or None
+    indices: torch.Tensor | None = None
 
     # the feature pass needs q and k; attention read from a stored pattern has neither
     supports_features = True
@@ -62,7 +70,20 @@ class LayerAttention:
     @property
     def vis(self) -> Visibility:
         return Visibility(self.q_offset, self.mask, self.window, self.edit, self.row_starts,
-                          self.key_start)
+                          self.key_start, self.indices)
+
+    def sink_logits(self, b: int, q_rows: torch.Tensor) -> torch.Tensor | None:
+        """Float32 [H, Q] learned sink logit of each head for query rows q_rows of batch row b."""
+        if self.sinks is None:
+            return None
+        s = self.sinks[b if self.sinks.shape[0] > 1 else 0].float()  # [H, T|1]
+        s = s[:, q_rows] if s.shape[-1] > 1 else s.expand(-1, len(q_rows))
+        return s.expand(self.n_heads, -1)
+
+    def sink_probs(self, b: int, q_rows: torch.Tensor) -> torch.Tensor | None:
+        """Float32 [H, Q] probability the learned sink takes from query rows q_rows: exp(sink - lse)."""
+        s = self.sink_logits(b, q_rows)
+        return None if s is None else torch.exp(s - self.lse[b][:, q_rows])
 
     @property
     def n_heads(self) -> int:
@@ -89,15 +110,19 @@ class LayerAttention:
         s = s.view(H, Q, -1) * self.scale
         if self.softcap:
             s = torch.tanh(s / self.softcap) * self.softcap
+        if self.bias is not None:
+            bias = self.bias[b if self.bias.shape[0] > 1 else 0][:, q_rows]  # [H|1, Q, S]
+            s = s + bias[..., keys].float()
         return s
 
     def log_probs(self, b: int, q_rows: torch.Tensor, keys: slice) -> torch.Tensor:
         """Float32 [H, Q, K] score - lse (log P before masking), needs `lse`.
 
-        Without soft-capping, "- lse" is folded into the score matmul as [q*scale, -lse].[k, 1]:
-        one pass over the [H, Q, K] block fewer than scores() followed by a subtraction.
+        Without soft-capping or a score bias, "- lse" is folded into the score matmul as
+        [q*scale, -lse].[k, 1]: one pass over the [H, Q, K] block fewer than scores() followed
+        by a subtraction.
         """
-        if self.softcap:
+        if self.softcap or self.bias is not None:
             return self.scores(b, q_rows, keys).sub_(self.lse[b][:, q_rows, None])
         cache = self.__dict__.setdefault("_k_aug", {})
         if b not in cache:
@@ -120,6 +145,8 @@ class LayerAttention:
         (a wide value tensor is where fused kernels run out of on-chip memory). Returns
         (E [H, Q, d? + F], the row LSE [H, Q] of the first call, the kernel that ran).
         FlexAttention when available (compiled on CUDA), the reference kernel otherwise.
+        With a learned sink, E sums over real keys with the model's probabilities (the sink's
+        share carries no feature) and the LSE includes the sink.
         """
         q = self.query[b:b + 1, :, q_rows].float()
         k = self.key[b:b + 1].float()
@@ -128,13 +155,15 @@ class LayerAttention:
         parts = ([k] if with_keys else []) + [f[..., i:i + width].contiguous()
                                               for i in range(0, f.shape[-1], width)]
         forced = _SETTINGS["kernel"]
-        kernel = "reference" if forced == "reference" or not kernels.flex_available() else "flex"
+        kernel = ("reference" if forced == "reference" or not kernels.flex_available()
+                  or self.indices is not None else "flex")
         vis = self.vis.for_batch_row(b)
+        sinks = None if self.sinks is None else self.sinks[b:b + 1] if self.sinks.shape[0] > 1 else self.sinks
         outs, lse, ran = [], None, kernel
         for v in parts:
             out, row_lse, ran = kernels.run(kernel, q, k, v, self.scale, vis, q_rows, self.softcap,
                                             True, rows_key=rows_key,
-                                            precision=_SETTINGS["feature_precision"])
+                                            precision=_SETTINGS["feature_precision"], sinks=sinks)
             outs.append(out[0])
             lse = row_lse[0] if lse is None else lse
         return torch.cat(outs, dim=-1), lse, ran
@@ -175,11 +204,11 @@ def kernel_settings(kernel: str | None = None, feature_precision: str | None = N
         _SETTINGS.update(previous)
 
 
-def layer_window(module, kwargs) -> int | None:
-    """The window a layer applies: its kernel kwarg, a declared override, or config.layer_types."""
+def layer_window(module, window: int | None = None) -> int | None:
+    """The window a layer applies: its kernel kwarg (`window`), a declared override, or
+    config.layer_types."""
     if getattr(module, "_attnscope_windows_off", False):
         return None  # inside windows_disabled(): only the model's own mask limits attention
-    window = kwargs.get("sliding_window")
     if window is None:
         window = getattr(module, "_attnscope_window", None)
     if window is None:
@@ -191,16 +220,134 @@ def layer_window(module, kwargs) -> int | None:
     return int(window) if window else None
 
 
+# Keyword arguments of transformers' attention call sites that change nothing attnscope computes
+# (bookkeeping for the model's forward, caches, outputs, kernels attnscope does not use).
+HARMLESS_KWARGS = frozenset({
+    "position_ids", "cache_position", "output_attentions", "output_hidden_states",
+    "output_router_logits", "use_cache", "return_dict", "num_items_in_batch", "deterministic",
+    "past_key_values", "past_key_value", "layer_idx", "target_dtype",
+})
+# Keyword arguments attnscope applies exactly (see `read_kwargs`).
+UNDERSTOOD_KWARGS = frozenset({
+    "sliding_window", "softcap", "s_aux", "sinks", "position_bias", "indices", "is_causal",
+})
+# Packed-sequence kwargs (flash-attention varlen): only their absence is understood.
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def family_name(module) -> str:
+    config = getattr(module, "config", None)
+    return getattr(config, "model_type", None) or type(module).__name__
+
+
+def _refuse(module, feature: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{family_name(module)}: {feature}; attnscope cannot compute this family's attention "
+        "exactly, so it refuses rather than report a wrong number (docs/families.md)")
+
+
+@dataclass
+class CallTerms:
+    """What one attention call adds to plain scaled dot-product attention, read off its kwargs."""
+
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # [B|1, H, T|1] float32
+    bias: torch.Tensor | None = None  # [B|1, H|1, T, S] float32
+    indices: torch.Tensor | None = None  # [B, T, k]
+
+
+def read_kwargs(module, query, key, dropout, kwargs) -> CallTerms:
+    """The contract: every keyword argument is understood, known to be harmless, or refused.
+
+    A kwarg passed as None carries nothing and is ignored. Anything else that is not in
+    UNDERSTOOD_KWARGS or HARMLESS_KWARGS is refused, so that a feature a future transformers
+    release adds to the attention call fails loudly instead of being dropped.
+    """
+    terms = CallTerms()
+    B, H, T, _ = query.shape
+    S = key.shape[2]
+    if dropout and getattr(module, "training", False):
+        raise _refuse(module, f"attention dropout {dropout} in training mode (call model.eval())")
+    for name, value in kwargs.items():
+        if value is None or name in HARMLESS_KWARGS:
+            continue
+        if name in _PACKING_KWARGS:
+            raise _refuse(module, f"packed sequences ({name}=)")
+        if name not in UNDERSTOOD_KWARGS:
+            raise _refuse(module, f"the attention call passes {name}=, which attnscope does not "
+                                  "know how to apply")
+        if name == "is_causal":
+            if not value:
+                raise _refuse(module, "bidirectional attention (is_causal=False)")
+        elif name == "sliding_window":
+            if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
+                raise _refuse(module, f"a sliding window given as {value!r}")
+            terms.window = int(value) or None
+        elif name == "softcap":
+            terms.softcap = float(value) or None
+        elif name in ("s_aux", "sinks"):
+            terms.sinks = _sink_logits(module, value, B, H, T)
+        elif name == "position_bias":
+            if not torch.is_tensor(value) or value.dim() != 4 or value.shape[-2:] != (T, S):
+                raise _refuse(module, f"a position_bias of shape {tuple(getattr(value, 'shape', ()))}")
+            terms.bias = value.float()
+        elif name == "indices":
+            if not torch.is_tensor(value) or value.dim() != 3 or value.shape[:2] != (B, T):
+                raise _refuse(module, f"sparse selection indices of shape "
+                                      f"{tuple(getattr(value, 'shape', ()))}")
+            terms.indices = value
+    return terms
+
+
+def _sink_logits(module, value, B: int, H: int, T: int) -> torch.Tensor:
+    """Learned sink logits as [B|1, H, T|1]: one per head (gpt-oss `s_aux`, [H]) or one per head
+    and query (inkling2, [B, H, T, 1])."""
+    if not torch.is_tensor(value):
+        raise _refuse(module, f"learned sinks given as {type(value).__name__}")
+    v = value.float()
+    if v.dim() == 1 and v.shape[0] == H:
+        return v.view(1, H, 1)
+    if v.dim() == 4 and v.shape[-1] == 1:
+        v = v[..., 0]
+    if v.dim() == 3 and v.shape[1] == H and v.shape[0] in (1, B) and v.shape[2] in (1, T):
+        return v
+    raise _refuse(module, f"learned sinks of shape {tuple(value.shape)}")
+
+
+def split_mask(attention_mask: torch.Tensor | None, n_heads: int):
+    """The model's mask as (bool visibility [B, 1, T, S] or None, additive bias or None).
+
+    A boolean mask, or a float one holding only 0 and very negative values, shared by every
+    head, is pure visibility. A float mask with other values, or one that differs between heads
+    (a per-head dynamic mask, as Doge's), is also a score term: its very negative entries become
+    -1e30 (so exp gives 0 and p log p stays 0) and visibility keeps the keys any head can see.
+    """
+    if attention_mask is None:
+        return None, None
+    m = attention_mask if attention_mask.dim() == 4 else attention_mask[None, None]
+    if m.dtype == torch.bool:
+        if m.shape[1] == 1 or bool((m == m[:, :1]).all()):
+            return m[:, :1], None
+        return m.any(dim=1, keepdim=True), torch.where(m, 0.0, -1e30)
+    hidden = m <= torch.finfo(m.dtype).min / 2
+    if bool(((m == 0) | hidden).all()) and (m.shape[1] == 1 or bool((m == m[:, :1]).all())):
+        return ~hidden[:, :1], None
+    bias = torch.where(hidden, torch.full((), -1e30, device=m.device), m.float())
+    return (~hidden).any(dim=1, keepdim=True), bias
+
+
 def attnscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         **kwargs):
     """The registered attention function (signature fixed by transformers' AttentionInterface)."""
+    terms = read_kwargs(module, query, key, dropout, kwargs)
     layer = _layer_index(module)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    window = layer_window(module, kwargs)
+    window = layer_window(module, terms.window)
     edit = getattr(module, "_attnscope_edit", None)
     if edit is not None and (not edit.applies(layer) or edit.hides_nothing(key.shape[2])):
         edit = None
-    softcap = kwargs.get("softcap")
+    softcap = terms.softcap
     observers = [o for o in _OBSERVERS if o.wants(layer)]
     need_lse = any(o.needs_lse for o in observers)
     T, S = query.shape[2], key.shape[2]
@@ -208,10 +355,14 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     key_start = _key_start(kwargs.get("position_ids"), window, q_offset, S)
     if window is not None and window >= S:
         window = None  # a window longer than the input changes nothing
-    mask = bool_mask(attention_mask)
-    plain = window is None and edit is None and softcap is None
+    mask, mask_bias = split_mask(attention_mask, query.shape[1])
+    bias = terms.bias if mask_bias is None else (
+        mask_bias if terms.bias is None else terms.bias + mask_bias)
+    plain = (window is None and edit is None and softcap is None and bias is None
+             and terms.sinks is None and terms.indices is None)
     kernel = kernels.choose(query.device, T, observed=bool(observers), plain=plain,
-                            softcap=softcap, forced=_SETTINGS["kernel"])
+                            softcap=softcap, forced=_SETTINGS["kernel"],
+                            selected=terms.indices is not None)
     if kernel == "sdpa":
         # Exactly what the model would have run with sdpa.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -220,11 +371,13 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
                                       scaling=scale, **{k: v for k, v in kwargs.items()
                                                         if k in ("is_causal",)})
     vis = Visibility(q_offset, mask, window, edit, row_starts(mask, query.shape[0], query.device),
-                     key_start)
-    out, lse, kernel = kernels.run(kernel, query, key, value, scale, vis, None, softcap, need_lse)
+                     key_start, terms.indices)
+    out, lse, kernel = kernels.run(kernel, query, key, value, scale, vis, None, softcap, need_lse,
+                                   bias=bias, sinks=terms.sinks)
     if observers:
         attn = LayerAttention(layer, query, key, scale, q_offset, lse, mask, window, edit,
-                              softcap, vis.row_starts, kernel, key_start)
+                              softcap, vis.row_starts, kernel, key_start, bias=bias,
+                              sinks=terms.sinks, indices=terms.indices)
         for obs in observers:
             obs.observe(attn)
     return out.transpose(1, 2).contiguous(), None

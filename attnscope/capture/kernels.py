@@ -4,15 +4,23 @@ Every kernel computes, for the query rows `rows` of a layer call, the attention 
 asked) each row's natural-log log-sum-exp in float32, under the exact `Visibility` rule:
 
     kernel(query [B, H, Q, d], key [B, KVH, S, d], value [B, KVH, S, dv], scale, vis, rows [Q],
-           softcap, need_lse) -> (out [B, H, Q, dv], lse [B, H, Q] float32 or None)
+           softcap, need_lse, bias) -> (out [B, H, Q, dv], lse [B, H, Q] float32 or None)
+
+score(i, j) = softcap(scale * q_i . k_j) + bias[i, j]: `bias` ([B|1, H|1, T, S] float, indexed by
+the call's rows) is an additive score term the model passes (a relative-position bias, a per-head
+float mask). A learned sink (`sinks`, one logit per head or per head and row) is one more entry of
+the softmax with no value (gpt-oss): `run` folds it in after any kernel,
+lse' = logaddexp(lse, sink), out' = out * exp(lse - lse'), which keeps the fused kernels.
+The value head size may differ from the query/key head size (MLA).
 
 | kernel      | where `choose` picks it                                   | what it is                    |
 | ----------- | --------------------------------------------------------- | ----------------------------- |
 | `sdpa`      | nothing observed, nothing to edit: the model's own path   | transformers' sdpa call       |
 | `grouped`   | a few query rows (decoding steps)                         | fp32 scores, no KV expansion  |
-| `flex`      | CUDA                                                      | FlexAttention, compiled       |
+| `flex`      | CUDA (no sparse selection)                                | FlexAttention, compiled       |
 | `cpu_flash` | CPU                                                       | aten's fused CPU flash op     |
-| `reference` | anything else (soft-capping on CPU, FlexAttention missing)| fp32 softmax in query blocks  |
+| `reference` | anything else (soft-capping on CPU, sparse selection on   | fp32 softmax in query blocks  |
+|             | GPU, FlexAttention missing)                               |                               |
 
 FlexAttention (torch.nn.attention.flex_attention) is the fused kernel on GPU: the visibility rule
 becomes its `mask_mod` (block-sparse, so a windowed layer costs its window), soft-capping its
@@ -48,25 +56,32 @@ class KernelUnavailable(AttnscopeError):
 # ----------------------------------------------------------------------------- choosing
 
 def choose(device: torch.device, n_queries: int, *, observed: bool, plain: bool,
-           softcap: float | None, forced: str | None = None) -> str:
-    """The kernel for one attention call. `plain`: causal, no window, edit or soft-capping."""
+           softcap: float | None, forced: str | None = None, selected: bool = False) -> str:
+    """The kernel for one attention call. `plain`: what transformers' sdpa computes exactly
+    (causal or the model's mask; no window, edit, soft-capping, bias, learned sink or
+    selection). `selected`: the call has a sparse top-k selection (`Visibility.indices`)."""
     if forced and forced != "auto":
-        _check_forced(forced, device, softcap)
+        _check_forced(forced, device, softcap, selected)
         return forced
     if plain and not observed:
         return "sdpa"
     if n_queries <= SMALL_T:
         return "grouped"
-    if device.type == "cuda" and flex_available():
+    if device.type == "cuda" and flex_available() and not selected:
+        # a selection is a scatter per block of rows; as a mask_mod it would cost O(T * S * k)
         return "flex"
     if device.type == "cpu" and softcap is None:
         return "cpu_flash"
     return "reference"
 
 
-def _check_forced(kernel: str, device: torch.device, softcap: float | None) -> None:
+def _check_forced(kernel: str, device: torch.device, softcap: float | None,
+                  selected: bool = False) -> None:
     if kernel not in FORCEABLE:
         raise KernelUnavailable(f"unknown kernel {kernel!r}; choose auto or one of {', '.join(FORCEABLE)}")
+    if kernel == "flex" and selected:
+        raise KernelUnavailable("kernel 'flex' cannot apply a sparse top-k selection (indices=); "
+                                "use 'reference' or 'cpu_flash'")
     if kernel == "cpu_flash" and (device.type != "cpu" or softcap is not None):
         raise KernelUnavailable("kernel 'cpu_flash' runs on CPU only and has no soft-capping; "
                                 "use 'reference' or 'flex'")
@@ -89,21 +104,25 @@ _FLEX_BROKEN: dict[tuple, str] = {}
 
 def run(kernel: str, query, key, value, scale: float, vis: Visibility,
         rows: torch.Tensor | None, softcap: float | None, need_lse: bool, *, rows_key=None,
-        precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        precision: str | None = None, bias: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Run `kernel` (never 'sdpa'); returns (out, lse, the kernel that actually ran).
 
     rows: the row (in `vis`) of each query in `query`; None = all of the call's rows in order.
     rows_key: a hashable name for `rows`, so FlexAttention's block mask can be cached.
+    bias: additive score term [B|1, H|1, T, S] over the call's rows; sinks: learned sink logits
+    [B|1, H, T|1] (the returned lse then includes the sink).
     If FlexAttention fails on a GPU for a variant (dtype, head dims) - no Triton, no compiler,
     a kernel that does not fit - that variant falls back to the reference kernel, with one
     warning, and the returned name says so. Out of memory is never a fallback.
     """
-    variant = (query.dtype, query.shape[-1], value.shape[-1], softcap is not None)
+    need_kernel_lse = need_lse or sinks is not None
+    variant = (query.dtype, query.shape[-1], value.shape[-1], softcap is not None, bias is not None)
+    out = None
     if kernel == "flex" and variant not in _FLEX_BROKEN:
         try:
-            out, lse = flex(query, key, value, scale, vis, rows, softcap, need_lse,
-                            rows_key=rows_key, precision=precision)
-            return out, lse, "flex"
+            out, lse = flex(query, key, value, scale, vis, rows, softcap, need_kernel_lse,
+                            rows_key=rows_key, precision=precision, bias=bias)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - on a GPU any failure of this variant: fall back
@@ -112,13 +131,49 @@ def run(kernel: str, query, key, value, scale: float, vis: Visibility,
             _FLEX_BROKEN[variant] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             warnings.warn(f"FlexAttention failed for {variant} ({_FLEX_BROKEN[variant]}); attnscope "
                           "uses its reference kernel for it (exact, slower)", RuntimeWarning)
-    if kernel == "flex":
-        kernel = "reference"
-    fn = {"grouped": grouped, "cpu_flash": cpu_flash, "reference": reference}[kernel]
-    if rows is None:
-        rows = torch.arange(query.shape[2], device=query.device)
-    out, lse = fn(query, key, value, scale, vis, rows, softcap, need_lse)
-    return out, lse, kernel
+    if out is None:
+        if kernel == "flex":
+            kernel = "reference"
+        fn = {"grouped": grouped, "cpu_flash": cpu_flash, "reference": reference}[kernel]
+        if rows is None:
+            rows = torch.arange(query.shape[2], device=query.device)
+        out, lse = fn(query, key, value, scale, vis, rows, softcap, need_kernel_lse, bias)
+    if sinks is not None:
+        out, lse = _with_sinks(out, lse, sinks, rows)
+    return out, (lse if need_lse else None), kernel
+
+
+def _with_sinks(out, lse, sinks, rows):
+    """Fold learned sink logits into a kernel's result: the sink is one more softmax entry with
+    a zero value, so lse' = logaddexp(lse, sink) and out' = out * exp(lse - lse')."""
+    sink = sinks.float()
+    if sink.shape[-1] > 1 and rows is not None:
+        sink = sink[..., rows]
+    total = torch.logaddexp(lse, sink.expand_as(lse))
+    # a row that sees no key (a padding query) has lse = -inf: its output stays 0
+    keep = torch.exp(lse - total).nan_to_num(0.0)
+    return (out.float() * keep[..., None]).to(out.dtype), total
+
+
+def bias_block(bias: torch.Tensor | None, rows: torch.Tensor, k_lo: int, k_hi: int):
+    """The [B|1, H|1, Q, K] slice of an additive score term for query rows `rows`, keys
+    k_lo..k_hi-1 (float32), or None."""
+    if bias is None:
+        return None
+    return bias[:, :, rows, k_lo:k_hi].float()
+
+
+def same_head_size(query, key, value):
+    """q, k, v padded with zero columns to one head size (exact: zero columns add nothing to
+    q.k, and the output's extra columns are dropped): the fused CPU flash op needs one size,
+    while MLA models (DeepSeek-V2/V3 and kin) have a value head size unlike q/k's."""
+    d, dv = query.shape[-1], value.shape[-1]
+    if d == dv:
+        return query, key, value
+    pad = torch.nn.functional.pad
+    if dv < d:
+        return query, key, pad(value, (0, d - dv))
+    return pad(query, (0, dv - d)), pad(key, (0, dv - d)), value
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -149,7 +204,7 @@ def _blocks(rows: torch.Tensor, per_row: int):
 
 # ----------------------------------------------------------------------------- kernels
 
-def grouped(query, key, value, scale, vis, rows, softcap, need_lse):
+def grouped(query, key, value, scale, vis, rows, softcap, need_lse, bias=None):
     """A few query rows against a long cache: grouped matmuls (no per-head copy of the cache),
     exact softmax in float32."""
     B, H, Q, d = query.shape
@@ -158,6 +213,8 @@ def grouped(query, key, value, scale, vis, rows, softcap, need_lse):
     s = torch.matmul(q, key.float().transpose(-1, -2)).view(B, H, Q, -1) * scale
     if softcap:
         s = torch.tanh(s / softcap) * softcap
+    if bias is not None:
+        s = s + bias_block(bias, rows, 0, key.shape[2])
     s = s.masked_fill(~vis.grid(rows, 0, key.shape[2])[:, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
@@ -165,31 +222,38 @@ def grouped(query, key, value, scale, vis, rows, softcap, need_lse):
     return out.to(query.dtype), lse
 
 
-def cpu_flash(query, key, value, scale, vis, rows, softcap, need_lse):
+def cpu_flash(query, key, value, scale, vis, rows, softcap, need_lse, bias=None):
     """aten's fused CPU flash op: one causal call when nothing but causality masks, else query
-    blocks with an additive mask over just the keys the block can see."""
+    blocks with an additive mask (the visibility rule, plus any score bias) over just the keys
+    the block can see."""
     B, H, Q, _ = query.shape
+    dv = value.shape[-1]
+    query, key, value = same_head_size(query, key, value)
     n_rep = H // key.shape[1]
     k_all, v_all = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if vis.causal_only and vis.q_offset == 0 and Q == key.shape[2] and int(rows[-1]) == Q - 1:
+    if (vis.causal_only and bias is None and vis.q_offset == 0 and Q == key.shape[2]
+            and int(rows[-1]) == Q - 1):
         # rows are distinct and ascending, so Q of them ending at Q - 1 are all rows in order
         out, lse = op(query, k_all, v_all, 0.0, True, scale=scale)
-        return out, (lse.float() if need_lse else None)
+        return out[..., :dv], (lse.float() if need_lse else None)
     outs, lses = [], []
-    for blk in _blocks(rows, B * key.shape[2]):
+    heads = 1 if bias is None else bias.shape[1]
+    for blk in _blocks(rows, B * heads * key.shape[2]):
         r = rows[blk]
         k_lo, k_hi = _key_range(vis, r)
         add = torch.zeros((B, 1, len(r), k_hi - k_lo), dtype=query.dtype, device=query.device)
+        if bias is not None:
+            add = add + bias_block(bias, r, k_lo, k_hi).to(query.dtype)
         add.masked_fill_(~vis.grid(r, k_lo, k_hi)[:, None], float("-inf"))
         out, lse = op(query[:, :, blk], k_all[:, :, k_lo:k_hi], v_all[:, :, k_lo:k_hi], 0.0, False,
                       attn_mask=add, scale=scale)
-        outs.append(torch.nan_to_num(out, nan=0.0))  # rows with no visible key (padding queries)
+        outs.append(torch.nan_to_num(out[..., :dv], nan=0.0))  # rows with no visible key (padding)
         lses.append(lse.float())
     return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if need_lse else None)
 
 
-def reference(query, key, value, scale, vis, rows, softcap, need_lse):
+def reference(query, key, value, scale, vis, rows, softcap, need_lse, bias=None):
     """Exact attention in float32, query block by query block, with an explicit mask: what eager
     attention computes, in O(block x S) memory. Any value width, any device, soft-capping."""
     B, H, Q, _ = query.shape
@@ -203,6 +267,8 @@ def reference(query, key, value, scale, vis, rows, softcap, need_lse):
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         if softcap:
             s = torch.tanh(s / softcap) * softcap
+        if bias is not None:
+            s = s + bias_block(bias, r, k_lo, k_hi)
         s = s.masked_fill(~vis.grid(r, k_lo, k_hi)[:, None], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
@@ -283,17 +349,34 @@ def block_mask(vis: Visibility, batch: int, n_queries: int, n_keys: int, device,
     return bm
 
 
+def _bias_mod(bias: torch.Tensor, rows: torch.Tensor | None, softcap: float | None):
+    """score_mod adding an additive score term (after soft-capping, as the models do)."""
+    b_one, h_one = bias.shape[0] == 1, bias.shape[1] == 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap:
+            score = torch.tanh(score / softcap) * softcap
+        row = q_idx if rows is None else rows[q_idx]
+        return score + bias[0 if b_one else b, 0 if h_one else h, row, kv_idx]
+
+    return score_mod
+
+
 def flex(query, key, value, scale, vis, rows, softcap, need_lse, *, rows_key=None,
-         precision: str | None = None):
+         precision: str | None = None, bias: torch.Tensor | None = None):
     """FlexAttention: compiled on CUDA; uncompiled elsewhere, in query chunks (it then
     materialises each chunk's scores). rows None = every row of the call, in order.
     `precision` sets the fp32 matmul mode of the compiled kernel ('ieee' or 'tf32')."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    if vis.indices is not None:
+        raise KernelUnavailable("FlexAttention is not given sparse selections (kernels.choose)")
     B, H, Q, _ = query.shape
     S = key.shape[2]
     kwargs = dict(scale=scale, enable_gqa=H != key.shape[1],
                   score_mod=_softcap_mod(float(softcap)) if softcap else None)
+    if bias is not None:
+        kwargs["score_mod"] = _bias_mod(bias.float(), rows, softcap)
     if query.device.type in COMPILED_DEVICES:
         fn = _compiled()[0]
         if precision == "tf32" and query.dtype == torch.float32:
@@ -307,9 +390,10 @@ def flex(query, key, value, scale, vis, rows, softcap, need_lse, *, rows_key=Non
     for blk in _blocks(rows, B * H * S // 2):
         r = rows[blk]
         bm = block_mask(vis, B, len(r), S, query.device, r)
+        kw = kwargs if bias is None else dict(kwargs, score_mod=_bias_mod(bias.float(), r, softcap))
         with warnings.catch_warnings():  # "called without torch.compile": intended here
             warnings.simplefilter("ignore", UserWarning)
-            out, lse = _call_flex(flex_attention, query[:, :, blk], key, value, bm, need_lse, kwargs)
+            out, lse = _call_flex(flex_attention, query[:, :, blk], key, value, bm, need_lse, kw)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if need_lse else None)

@@ -56,8 +56,9 @@ class Visibility:
 
     Query row i (of the call's T rows) sits at absolute key position `q_offset + i` (a KV cache
     puts earlier keys in front). Key j is visible to row i when j <= q_offset + i, the model's
-    mask allows it (padding), it lies inside the layer's sliding window, and the attention edit
-    (if any) keeps it; an edited row always sees itself.
+    mask allows it (padding), it lies inside the layer's sliding window, it is among the keys
+    the model's sparse selection picked for row i (`indices`, DeepSeek-V3.2-style top-k), and
+    the attention edit (if any) keeps it; an edited row always sees itself.
     """
 
     q_offset: int
@@ -67,9 +68,14 @@ class Visibility:
     row_starts: torch.Tensor  # [B] key index of each batch row's first real token
     # token position of key index 0: > 0 only when a sliding-window cache dropped older keys
     key_start: int = 0
+    # int [B, T, k]: the keys each query row may see (sparse top-k selection); entries < 0 or
+    # >= S select nothing. None = no selection. Applied by `grid` (a scatter per block of rows),
+    # not by `__call__`: FlexAttention is never given a rule with a selection (kernels.choose).
+    indices: torch.Tensor | None = None
 
     def __call__(self, b, row, j):
-        """Broadcasting bool: may query row `row` of batch row `b` see key `j`."""
+        """Broadcasting bool: may query row `row` of batch row `b` see key `j` (the sparse
+        selection aside: see `indices`)."""
         qa = row + self.q_offset
         vis = j <= qa
         if self.mask is not None:  # a mask with one query row applies to every row
@@ -95,13 +101,30 @@ class Visibility:
         B = self.row_starts.shape[0]
         b = torch.arange(B, device=device)[:, None, None]
         j = torch.arange(k_lo, k_hi, device=device)[None, None, :]
-        return self(b, q_rows[None, :, None], j).expand(B, len(q_rows), k_hi - k_lo)
+        vis = self(b, q_rows[None, :, None], j).expand(B, len(q_rows), k_hi - k_lo)
+        if self.indices is not None:
+            vis = vis & self.selected(q_rows, k_lo, k_hi)
+        return vis
+
+    def selected(self, q_rows: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
+        """Bool [B, Q, K]: is key k_lo + k among the keys the sparse selection gave row q_rows[q]."""
+        idx = self.indices[:, q_rows].long() - k_lo  # [B, Q, k]
+        n = k_hi - k_lo
+        idx = torch.where((idx >= 0) & (idx < n), idx, n)  # out of range -> a spare column
+        out = torch.zeros(idx.shape[:2] + (n + 1,), dtype=torch.bool, device=idx.device)
+        out.scatter_(2, idx, True)
+        out = out[..., :n]
+        if self.edit is not None:  # an edited row always sees itself, selected or not
+            out = out | (torch.arange(k_lo, k_hi, device=idx.device)[None, None]
+                         == (q_rows + self.q_offset)[None, :, None])
+        return out
 
     def for_batch_row(self, b: int) -> "Visibility":
         """The same rule for batch row `b` alone (index 0 of a batch of one)."""
         mask = None if self.mask is None else self.mask[b:b + 1]
+        indices = None if self.indices is None else self.indices[b:b + 1]
         return Visibility(self.q_offset, mask, self.window, self.edit, self.row_starts[b:b + 1],
-                          self.key_start)
+                          self.key_start, indices)
 
     @property
     def local_span(self) -> int | None:
@@ -115,15 +138,18 @@ class Visibility:
 
     @property
     def causal_only(self) -> bool:
-        """No padding mask, window or edit: key j is visible to row i iff j <= q_offset + i."""
-        return self.mask is None and self.window is None and self.edit is None
+        """No padding mask, window, selection or edit: key j is visible to row i iff
+        j <= q_offset + i."""
+        return (self.mask is None and self.window is None and self.edit is None
+                and self.indices is None)
 
     def cache_key(self) -> tuple:
         """Hashable identity of the rule (the mask tensor by object: the model passes one mask
         object to every layer of a forward)."""
         mask_id = None if self.mask is None else (id(self.mask), tuple(self.mask.shape))
         starts = None if self.mask is None and self.edit is None else id(self.row_starts)
-        return (self.q_offset, mask_id, self.window, self.edit, starts, self.key_start)
+        indices = None if self.indices is None else id(self.indices)
+        return (self.q_offset, mask_id, self.window, self.edit, starts, self.key_start, indices)
 
 
 def bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

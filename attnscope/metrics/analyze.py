@@ -30,6 +30,7 @@ DIMS = {
     "sink_mass": ("layer", "head"),
     "token0_mass": ("layer", "head"),
     "token0_importance": ("layer", "head"),
+    "learned_sink_mass": ("layer", "head"),
     "span_mass": ("span", "layer", "head"),
     "entropy": ("layer", "head"),
     "mean_distance": ("layer", "head"),
@@ -160,7 +161,8 @@ def analyze(
         input_ids[b, longest - len(s):] = torch.tensor(s)
         attention_mask[b, longest - len(s):] = 1
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
-                             max_length=longest, row_pass=row_pass)
+                             max_length=longest, row_pass=row_pass,
+                             learned_sinks_auto=metrics == tuple(DEFAULT_METRICS))
     wanted = sum(recorder.wants(i) for i in range(n_layers))
     try:
         with kernel_settings(kernel), progress_bar(wanted, f"{name}: {longest} tokens", unit="layer",
@@ -175,6 +177,7 @@ def analyze(
         raise AttnscopeError(
             f"{type(hf_model).__name__} produced no attention through attnscope's attention "
             "function; it may not use transformers' AttentionInterface")
+    metrics = recorder.metrics  # learned_sink_mass may have joined (a model with learned sinks)
     ds = _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model,
                      sink_tokens, bins, n_layers)
     ds.attrs["backend"] = source.backend
@@ -184,6 +187,26 @@ def analyze(
     return ds
 
 
+def _layer_value(recorder, layer, b: int, name: str) -> np.ndarray:
+    """One layer's result, on the model's widest head axis: a layer with fewer query heads
+    (models whose head count varies by layer) is NaN on the heads it lacks. learned_sink_mass
+    of a layer without a learned sink is 0."""
+    values = recorder.results[layer][b]
+    n_heads = recorder.n_heads[layer]
+    if name not in values and name.startswith("learned_sink_mass"):
+        value = np.zeros((n_heads,) if name == "learned_sink_mass"
+                         else (n_heads, recorder.plans[b].n_groups))
+    else:
+        value = values[name]
+    missing = max(recorder.n_heads.values()) - n_heads
+    if missing:
+        axis = 1 if name.startswith("span_mass") else 0
+        widths = [(0, 0)] * value.ndim
+        widths[axis] = (0, missing)
+        value = np.pad(value.astype(np.float64), widths, constant_values=np.nan)
+    return value
+
+
 def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model, sink_tokens,
                 bins, n_layers) -> xr.Dataset:
     config = hf_model.config
@@ -191,7 +214,7 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     single = len(seqs) == 1
     data_vars = {}
     for m in metrics:
-        per_seq = [np.stack([recorder.results[L][b][m] for L in layer_ids]) for b in range(len(seqs))]
+        per_seq = [np.stack([_layer_value(recorder, L, b, m) for L in layer_ids]) for b in range(len(seqs))]
         dims = DIMS[m]
         if m == "span_mass":  # recorded as [layer][span, head] -> (span, layer, head)
             per_seq = [a.transpose(1, 0, 2) for a in per_seq]
@@ -200,14 +223,16 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
         arr = per_seq[0] if single else np.stack(per_seq)
         data_vars[m] = (dims if single else ("sequence",) + dims, arr.astype(np.float32))
         if recorder.plans[0].groups is not None and m not in ("pattern", "token0_importance"):
-            binned = [np.stack([recorder.results[L][b][m + "@groups"] for L in layer_ids])
+            binned = [np.stack([_layer_value(recorder, L, b, m + "@groups") for L in layer_ids])
                       for b in range(len(seqs))]
             if m == "span_mass":
                 binned = [a.transpose(1, 0, 2, 3) for a in binned]
             arr = binned[0] if single else np.stack(binned)
             data_vars[m + "_by_query"] = ((dims if single else ("sequence",) + dims) + ("query_bin",),
                                           arr.astype(np.float32))
-    coords: dict[str, Any] = {"layer": layer_ids, "head": np.arange(int(config.num_attention_heads))}
+    coords: dict[str, Any] = {"layer": layer_ids, "head": np.arange(max(recorder.n_heads.values()))}
+    if len(set(recorder.n_heads.values())) > 1:  # head count varies by layer: say which exist
+        coords["n_heads"] = ("layer", [recorder.n_heads[L] for L in layer_ids])
     if "position_profile" in metrics:
         coords["bin"] = np.arange(bins) / bins
     if "distance_profile" in metrics:
@@ -235,7 +260,7 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     for mod in hf_model.modules():
         idx = getattr(mod, "layer_idx", None)
         if idx is not None and idx in recorder.results and type(mod).__name__.endswith("Attention"):
-            windows[int(idx)] = layer_window(mod, {"sliding_window": getattr(mod, "sliding_window", None)})
+            windows[int(idx)] = layer_window(mod, getattr(mod, "sliding_window", None))
     import transformers
 
     import attnscope

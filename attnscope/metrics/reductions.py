@@ -24,7 +24,7 @@ import torch
 
 from attnscope.capture.interface import LayerAttention
 
-KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass", "token0_importance")
+KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass", "token0_importance", "learned_sink_mass")
 ROW_METRICS = ("entropy", "mean_distance", "position_profile", "distance_profile")
 ALL_METRICS = KEYSET_METRICS + ROW_METRICS + ("pattern",)
 # distance_profile is opt-in: it needs a per-element scatter that costs more than the others
@@ -90,13 +90,17 @@ class StatsRecorder:
     """
 
     def __init__(self, metrics, plans: list[RowPlan], *, sink_tokens: int = 4, bins: int = 32,
-                 layers=None, max_length: int | None = None, row_pass: str = "auto"):
+                 layers=None, max_length: int | None = None, row_pass: str = "auto",
+                 learned_sinks_auto: bool = False):
         unknown = set(metrics) - set(ALL_METRICS)
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(ALL_METRICS)}")
         if row_pass not in ROW_PASSES:
             raise ValueError(f"row_pass must be one of {ROW_PASSES}, not {row_pass!r}")
         self.metrics = tuple(metrics)
+        # learned_sink_mass joins the metrics at the first layer with a learned sink (the
+        # default metrics of a model that has them); layers before it had none: 0 there
+        self.learned_sinks_auto = learned_sinks_auto
         self.plans = plans
         self.sink_tokens = sink_tokens
         self.bins = bins
@@ -107,6 +111,7 @@ class StatsRecorder:
         self.dist_edges = distance_bin_edges(max_length or max(p.length for p in plans))
         self.results: dict[int, list[dict[str, np.ndarray]]] = {}
         self.kernels: dict[int, str] = {}  # layer -> the kernel that computed its output
+        self.n_heads: dict[int, int] = {}  # layer -> its query heads
         self.row_passes: dict[int, str] = {}  # layer -> "features" | "chunked"
         self._rows_cache: dict = {}
 
@@ -114,8 +119,11 @@ class StatsRecorder:
         return self.layers is None or layer in self.layers
 
     def observe(self, attn: LayerAttention) -> None:
+        if attn.sinks is not None and self.learned_sinks_auto and "learned_sink_mass" not in self.metrics:
+            self.metrics += ("learned_sink_mass",)
         per_row = []
         self.kernels[attn.layer] = attn.kernel
+        self.n_heads[attn.layer] = attn.n_heads
         for b, plan in enumerate(self.plans):
             start = int(attn.row_starts[b])
             q_rows, groups = self._rows(attn, b, start, plan)
@@ -147,9 +155,9 @@ class StatsRecorder:
         return self._rows_cache[key]
 
     def _use_features(self, attn) -> bool:
-        # the entropy identity needs raw scores (no soft-capping); distance_profile bins i - j,
-        # which is not a feature of the key alone
-        possible = (attn.supports_features and not attn.softcap
+        # the entropy identity needs raw scores (no soft-capping, no score bias);
+        # distance_profile bins i - j, which is not a feature of the key alone
+        possible = (attn.supports_features and not attn.softcap and attn.bias is None
                     and "distance_profile" not in self.metrics)
         if self.row_pass == "features":
             return possible
@@ -163,6 +171,11 @@ class StatsRecorder:
             p = keyset_probs(attn, b, q_rows, start, start + k)
             out["sink_mass"] = _group_sum(p.sum(-1), groups, G)
             out["token0_mass"] = _group_sum(p[..., 0], groups, G)
+        if "learned_sink_mass" in self.metrics:
+            p = attn.sink_probs(b, q_rows)  # [H, Q]; none without a learned sink
+            out["learned_sink_mass"] = _group_sum(
+                torch.zeros((attn.n_heads, len(q_rows)), device=attn.query.device) if p is None else p,
+                groups, G)
         if "span_mass" in self.metrics:
             masses = [_group_sum(keyset_probs(attn, b, q_rows, start + s0, start + s1).sum(-1), groups, G)
                       for s0, s1 in plan.spans.values()]
@@ -200,12 +213,18 @@ class StatsRecorder:
         d = attn.query.shape[-1] if with_keys else 0
         G = plan.n_groups
         out = {}
+        # with a learned sink, E sums real keys only (total mass 1 - p_sink) and lse includes it
+        sink, p_sink = attn.sink_logits(b, q_rows), attn.sink_probs(b, q_rows)
         if with_keys:
             q = attn.query[b, :, q_rows].float()
-            out["entropy"] = _group_sum(lse - attn.scale * torch.linalg.vecdot(q, e[..., :d]), groups, G)
+            ent = lse - attn.scale * torch.linalg.vecdot(q, e[..., :d])
+            if sink is not None:  # the sink's own -p log p term: -p_sink * (sink - lse)
+                ent = ent - p_sink * sink
+            out["entropy"] = _group_sum(ent, groups, G)
         qa = (q_rows + attn.q_offset).double()
         if "mean_distance" in want:
-            out["mean_distance"] = _group_sum(qa[None] - e[..., d].double(), groups, G)
+            real = 1.0 if p_sink is None else (1.0 - p_sink.double())
+            out["mean_distance"] = _group_sum(qa[None] * real - e[..., d].double(), groups, G)
         if "position_profile" in want:
             out["position_profile"] = _group_sum(e[..., d + 1:], groups, G)
         return out
@@ -247,15 +266,20 @@ class StatsRecorder:
                     # a finite -1e30 instead of -inf: p = 0 there and p * log p stays 0, not NaN
                     logp[..., m_lo - k_lo:].add_(torch.zeros(vis.shape, device=dev).masked_fill_(~vis, -1e30))
                 p = torch.exp(logp, out=buf[:logp.numel()].view(logp.shape))
+                p_sink = attn.sink_probs(b, rows)  # [H, c] or None: the learned sink's share
                 if "entropy" in want:
                     sums["entropy"][g] -= torch.linalg.vecdot(p, logp).sum(-1).double()
+                    if p_sink is not None:  # the sink is one more outcome: -p log p
+                        sums["entropy"][g] -= torch.special.xlogy(p_sink, p_sink).sum(-1).double()
                 del logp
                 if "mean_distance" in want or "position_profile" in want:
                     # both are linear in the key's position: reduce over queries first
                     received = p.sum(1).double()  # [H, K]: mass each key receives from the chunk
                     j = torch.arange(k_lo, k_hi, device=dev)
-                    if "mean_distance" in want:  # sum_i sum_j p_ij (i - j) = sum_i i - sum_j j recv_j
-                        sums["mean_distance"][g] += qa.double().sum() - received @ j.double()
+                    if "mean_distance" in want:
+                        # sum_i sum_j p_ij (i - j) = sum_i i (1 - p_sink_i) - sum_j j recv_j
+                        real = 1.0 if p_sink is None else (1.0 - p_sink.double())
+                        sums["mean_distance"][g] += (qa.double() * real).sum(-1) - received @ j.double()
                     if "position_profile" in want:
                         bin_idx = (((j - start) * self.bins) // plan.length).clamp(0, self.bins - 1)
                         sums["position_profile"][g].index_add_(1, bin_idx, received)
@@ -272,7 +296,12 @@ class StatsRecorder:
         rows = torch.arange(start, start + plan.length, device=attn.query.device) - attn.q_offset
         s = attn.scores(b, rows, slice(start, start + plan.length))
         vis = attn.visible(rows, start, start + plan.length)[b]
-        return torch.softmax(s.masked_fill(~vis[None], float("-inf")), dim=-1).cpu().numpy()
+        s = s.masked_fill(~vis[None], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        sink = attn.sink_logits(b, rows)
+        if sink is not None:  # the learned sink takes its share: rows sum to 1 - p_sink
+            lse = torch.logaddexp(lse, sink)
+        return torch.exp(s - lse[..., None]).cpu().numpy()
 
 
 def _group_sum(per_row: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:

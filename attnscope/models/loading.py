@@ -251,7 +251,7 @@ def _apply_windows(hf_model) -> dict:
     for m in hf_model.modules():
         idx = getattr(m, "layer_idx", None)
         if idx is not None and type(m).__name__.endswith("Attention"):
-            applied[int(idx)] = layer_window(m, {"sliding_window": getattr(m, "sliding_window", None)})
+            applied[int(idx)] = layer_window(m, getattr(m, "sliding_window", None))
     windows = {li.index: applied.get(li.index, li.sliding_window) for li in attn}
     assumed = any(li.window_assumed for li in attn)
     hf_model._attnscope_windows_assumed = assumed  # read by analyze() into its attrs
