@@ -170,6 +170,9 @@ def resolve(model, tokenizer=None, backend: str | None = None) -> ModelSource:
 
 def native_source(hf_model, tokenizer, name, revision) -> ModelSource:
     """attnscope's registered attention function: the streaming path."""
+    from attnscope.models.introspect import check_supported
+
+    check_supported(hf_model, name)  # before any forward
 
     def run(observer, input_ids, attention_mask):
         from attnscope.capture.interface import capture

@@ -63,6 +63,10 @@ class LayerAttention:
     sinks: torch.Tensor | None = None
     # int [B, T, k]: the keys each row may see under a sparse top-k selection, or None
     indices: torch.Tensor | None = None
+    # where the call sits: the decoder layer that made it (None if unknown) and how many calls
+    # the same layer made before it in this forward (a module run several times, or shared)
+    decoder_layer: int | None = None
+    call: int = 0
 
     # the feature pass needs q and k; attention read from a stored pattern has neither
     supports_features = True
@@ -341,7 +345,7 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
                         **kwargs):
     """The registered attention function (signature fixed by transformers' AttentionInterface)."""
     terms = read_kwargs(module, query, key, dropout, kwargs)
-    layer = _layer_index(module)
+    layer, decoder_layer, call = _call_label(module)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     window = layer_window(module, terms.window)
     edit = getattr(module, "_attnscope_edit", None)
@@ -377,7 +381,8 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     if observers:
         attn = LayerAttention(layer, query, key, scale, q_offset, lse, mask, window, edit,
                               softcap, vis.row_starts, kernel, key_start, bias=bias,
-                              sinks=terms.sinks, indices=terms.indices)
+                              sinks=terms.sinks, indices=terms.indices,
+                              decoder_layer=decoder_layer, call=call)
         for obs in observers:
             obs.observe(attn)
     return out.transpose(1, 2).contiguous(), None
@@ -390,6 +395,66 @@ def _key_start(position_ids, window, q_offset: int, n_keys: int) -> int:
     if window is None or q_offset == 0 or position_ids is None:
         return 0
     return max(0, int(position_ids[:, -1].max()) + 1 - n_keys)
+
+
+class _Calls:
+    """Which decoder layer is running, and how many attention calls each layer made in this
+    forward: kept by hooks that `capture` installs (none outside a capture)."""
+
+    position: int | None = None
+    n_positions: int = 0
+    counts: dict[int, int] = {}
+
+
+def _call_label(module) -> tuple[int, int | None, int]:
+    """(label, decoder layer, call) of an attention call.
+
+    The label is the decoder layer the call runs in (the module's layer_idx outside a capture,
+    or where the decoder layers cannot be found) for the first call a layer makes in a forward;
+    a layer's later calls in the same forward (a module run in several cycles, a block shared
+    between layers) get label + n_layers * call, so no call is merged with or hides another.
+    """
+    position = _Calls.position
+    idx = _layer_index(module) if position is None else position
+    if not _Calls.n_positions:
+        return idx, position, 0
+    call = _Calls.counts.get(idx, 0)
+    _Calls.counts[idx] = call + 1
+    return idx + _Calls.n_positions * call, position, call
+
+
+@contextlib.contextmanager
+def labelled_calls(model) -> Iterator[None]:
+    """Label attention calls by decoder layer and call count (see `_call_label`) while inside."""
+    from attnscope.models.introspect import decoder_layers
+
+    layers = decoder_layers(model)
+    if layers is None or _Calls.n_positions:  # unknown layout, or already labelling (nested)
+        yield
+        return
+
+    def reset(*_):
+        _Calls.counts = {}
+
+    def enter(i):
+        def hook(*_):
+            _Calls.position = i
+        return hook
+
+    def leave(*_):
+        _Calls.position = None
+
+    handles = [model.register_forward_pre_hook(reset)]
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(enter(i)))
+        handles.append(layer.register_forward_hook(leave))
+    _Calls.n_positions, _Calls.counts = len(layers), {}
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        _Calls.n_positions, _Calls.position, _Calls.counts = 0, None, {}
 
 
 def _layer_index(module) -> int:
@@ -479,7 +544,7 @@ def using_attnscope(model) -> Iterator[None]:
 @contextlib.contextmanager
 def capture(model, observer: Observer) -> Iterator[Observer]:
     """Call `observer` from every attention layer it wants, during forwards inside the block."""
-    with using_attnscope(model):
+    with using_attnscope(model), labelled_calls(model):
         _OBSERVERS.append(observer)
         try:
             yield observer

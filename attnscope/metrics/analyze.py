@@ -66,6 +66,12 @@ def _tokenize(tokenizer, text, token_ids, max_tokens) -> list[list[int]]:
     return seqs
 
 
+def text_config(hf_model):
+    """The config of the text decoder (a multimodal model's `text_config`)."""
+    config = hf_model.config
+    return getattr(config, "get_text_config", lambda: config)() or config
+
+
 def _layer_types(config) -> list[str] | None:
     types = getattr(config, "layer_types", None)
     return list(types) if types else None
@@ -122,7 +128,7 @@ def analyze(
         raise AttnscopeError(f"row_pass must be one of {', '.join(ROW_PASSES)}, not {row_pass!r}")
     seqs = _tokenize(tokenizer, text, token_ids, max_tokens)
     check_sink_tokens(sink_tokens, min(len(s) for s in seqs))
-    config = hf_model.config
+    config = text_config(hf_model)
     max_pos = getattr(config, "max_position_embeddings", None)
     longest = max(len(s) for s in seqs)
     if max_pos and longest > max_pos:
@@ -209,7 +215,7 @@ def _layer_value(recorder, layer, b: int, name: str) -> np.ndarray:
 
 def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model, sink_tokens,
                 bins, n_layers) -> xr.Dataset:
-    config = hf_model.config
+    config = text_config(hf_model)
     layer_ids = sorted(recorder.results)
     single = len(seqs) == 1
     data_vars = {}
@@ -233,6 +239,11 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     coords: dict[str, Any] = {"layer": layer_ids, "head": np.arange(max(recorder.n_heads.values()))}
     if len(set(recorder.n_heads.values())) > 1:  # head count varies by layer: say which exist
         coords["n_heads"] = ("layer", [recorder.n_heads[L] for L in layer_ids])
+    if any(recorder.calls.get(L, (None, 0))[1] for L in layer_ids):
+        # a layer attended more than once per forward (cycles, shared blocks): which call is which
+        coords["decoder_layer"] = ("layer", [-1 if recorder.calls[L][0] is None else recorder.calls[L][0]
+                                             for L in layer_ids])
+        coords["call"] = ("layer", [recorder.calls[L][1] for L in layer_ids])
     if "position_profile" in metrics:
         coords["bin"] = np.arange(bins) / bins
     if "distance_profile" in metrics:

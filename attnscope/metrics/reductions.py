@@ -112,6 +112,7 @@ class StatsRecorder:
         self.results: dict[int, list[dict[str, np.ndarray]]] = {}
         self.kernels: dict[int, str] = {}  # layer -> the kernel that computed its output
         self.n_heads: dict[int, int] = {}  # layer -> its query heads
+        self.calls: dict[int, tuple] = {}  # layer label -> (decoder layer, call): capture's labels
         self.row_passes: dict[int, str] = {}  # layer -> "features" | "chunked"
         self._rows_cache: dict = {}
 
@@ -124,6 +125,7 @@ class StatsRecorder:
         per_row = []
         self.kernels[attn.layer] = attn.kernel
         self.n_heads[attn.layer] = attn.n_heads
+        self.calls[attn.layer] = (attn.decoder_layer, attn.call)
         for b, plan in enumerate(self.plans):
             start = int(attn.row_starts[b])
             q_rows, groups = self._rows(attn, b, start, plan)

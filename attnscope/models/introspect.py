@@ -7,9 +7,13 @@ both sides so that a check can compare them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
+import sys
 from collections.abc import Mapping
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +31,10 @@ _RECURRENT_TYPES = ("linear_attention", "mamba", "conv", "recurrent", "rwkv", "s
 class LayerInfo:
     """One decoder layer as attnscope sees it.
 
-    ``sliding_window`` is the declared window (None = full attention); ``window_assumed`` is
-    True when the config gives a window but no ``layer_types``, so the OlmPool pattern
-    (layer i full iff (i+1) % 4 == 0) was assumed. ``qk_norm`` is read off the modules:
+    ``sliding_window`` is the declared window (None = full attention, or a window the model's
+    own attention call passes at run time); ``window_assumed`` is True when an OlmPool
+    checkpoint's config gives a window but no ``layer_types``, so the OlmPool pattern
+    (layer i full iff (i+1) % 4 == 0) was assumed (the known checkpoint defect: docs/olmpool.md). ``qk_norm`` is read off the modules:
     a q_norm weight of num_heads*head_dim elements is layerwise, of head_dim headwise.
     """
 
@@ -73,6 +78,14 @@ def _decoder_layers(model) -> tuple[str, list]:
     raise UnsupportedModelError(
         f"cannot find the decoder layers of {type(model).__name__} (no ModuleList named layers/h/blocks)."
     )
+
+
+def decoder_layers(model) -> list | None:
+    """The text decoder's layer modules in order, or None where they cannot be found."""
+    try:
+        return _decoder_layers(model)[1]
+    except UnsupportedModelError:
+        return None
 
 
 def _child(layer, names):
@@ -127,7 +140,12 @@ def attention_layout(model) -> list[LayerInfo]:
     window = getattr(cfg, "sliding_window", None)
     if getattr(cfg, "use_sliding_window", True) is False:  # qwen2/3 carry a window they do not use
         window = None
-    assumed = bool(window) and not layer_types
+    # Which layers of a config with a window but no layer_types slide is known only for OlmPool's
+    # own classes (3 local : 1 global); any other family applies its window through its mask
+    # and the `sliding_window=` argument of its attention call, read at run time.
+    from attnscope.models.olmpool import custom_model_types
+
+    assumed = bool(window) and not layer_types and getattr(cfg, "model_type", None) in custom_model_types()
     pattern = olmpool_window_pattern(len(layers)) if assumed else None
     out = []
     for i, layer in enumerate(layers):
@@ -144,7 +162,7 @@ def attention_layout(model) -> list[LayerInfo]:
         if kind == "attention" and window:
             if layer_types:
                 sw = int(window) if ltype == "sliding_attention" else None
-            else:
+            elif assumed:
                 sw = int(window) if pattern[i] else None
         if kind == "attention":
             n_heads, n_kv, head_dim = _heads(attn, cfg)
@@ -156,6 +174,65 @@ def attention_layout(model) -> list[LayerInfo]:
                              window_assumed=assumed and kind == "attention", qk_norm=qk,
                              n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, module=f"{prefix}.{i}"))
     return out
+
+
+@lru_cache(maxsize=None)
+def _calls_interface(cls) -> bool:
+    """Does this module class's forward look its attention up in transformers' AttentionInterface
+    (`ALL_ATTENTION_FUNCTIONS`), the one route through which attnscope sees attention?"""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+
+
+@lru_cache(maxsize=None)
+def _attention_class_table(module_name: str) -> str | None:
+    """The name of a fixed table of attention classes keyed by implementation name in a
+    modelling file (`FALCON_ATTENTION_CLASSES = {"eager": ..., "sdpa": ...}`), or None: such a
+    family builds its attention from the table and cannot run a registered function."""
+    try:
+        src = inspect.getsource(sys.modules[module_name])
+    except (OSError, TypeError, KeyError):
+        return None
+    found = re.search(r"^([A-Z0-9_]+_ATTENTION_CLASSES)\s*=\s*\{", src, re.M)
+    return found.group(1) if found else None
+
+
+def attention_route_problem(model) -> str | None:
+    """Why attnscope cannot see this model's attention, or None when every attention layer of
+    its decoder goes through transformers' AttentionInterface.
+
+    Read off the module classes (a model built on the meta device is enough: no weights), so
+    `attnscope.load` refuses before loading weights. Reasons: a fixed table of attention classes
+    (falcon, gpt_neo, gptj, git); no decoder layer calling the interface: no softmax attention
+    at all (mamba, rwkv, xlstm) or attention computed by the model itself (bloom, codegen, xglm,
+    mpt, openai-gpt...).
+    """
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        table = _attention_class_table(name)
+        if table:
+            return f"it builds attention from a fixed table of classes ({table}), not AttentionInterface"
+    try:  # the text decoder's layers (a vision or audio tower may use the interface on its own)
+        modules = [m for layer in _decoder_layers(model)[1] for m in layer.modules()]
+    except UnsupportedModelError:
+        modules = list(model.modules())
+    if not any(_calls_interface(type(m)) for m in modules):
+        return ("no decoder layer calls transformers' AttentionInterface (it has no softmax "
+                "attention, or computes attention itself)")
+    return None
+
+
+def check_supported(model, name: str | None = None) -> None:
+    """Refuse (UnsupportedModelError, one line naming the family and the reason) a model whose
+    attention attnscope cannot see; see `attention_route_problem`. Runs before any forward."""
+    problem = attention_route_problem(model)
+    if problem:
+        family = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise UnsupportedModelError(
+            f"{name or family} ({family}): {problem}; attnscope measures attention only through "
+            "that interface and refuses rather than report wrong numbers (docs/families.md)")
 
 
 def effective_rope_theta(model) -> float | dict[str, float]:

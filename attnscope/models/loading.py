@@ -57,7 +57,9 @@ class LoadedModel:
 
     @property
     def config(self):
-        return self.model.config
+        """The text decoder's config (a multimodal model's `text_config`)."""
+        config = self.model.config
+        return getattr(config, "get_text_config", lambda: config)() or config
 
     @property
     def n_layers(self) -> int:
@@ -245,6 +247,8 @@ def _apply_windows(hf_model) -> dict:
     except AttnscopeError as exc:
         return {"windows": {}, "windows_assumed": False, "layout_error": str(exc)}
     attn = [li for li in layout if li.kind == "attention"]
+    # declared where the model's own kernel may ignore them (OlmPool's classes pass
+    # sliding_window= to sdpa, which drops it); elsewhere the model's mask and kwargs rule
     set_windows(hf_model, {li.index: li.sliding_window for li in attn if li.sliding_window})
     # what the attention function will apply: the kernel's own argument, else the declaration
     applied = {}
@@ -256,6 +260,23 @@ def _apply_windows(hf_model) -> dict:
     assumed = any(li.window_assumed for li in attn)
     hf_model._attnscope_windows_assumed = assumed  # read by analyze() into its attrs
     return {"windows": windows, "windows_assumed": assumed}
+
+
+def _check_family(config, display: str, trust_remote_code: bool) -> None:
+    """Refuse a family attnscope cannot measure before any weight loads: its classes, built on
+    the meta device from the config (no memory, no weights), are enough to tell."""
+    from transformers import AutoModelForCausalLM
+
+    from attnscope.models.introspect import check_supported
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a class that cannot be built on meta: the load says why
+        log.debug("meta build of %s failed (%s); checking the family after loading", display, exc)
+        return
+    check_supported(skeleton, display)
 
 
 def load(
@@ -283,7 +304,7 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnscope.capture.interface import ATTN_IMPLEMENTATION, register
-    from attnscope.models.introspect import effective_rope_theta
+    from attnscope.models.introspect import check_supported, effective_rope_theta
 
     check_device(device)
     torch_dtype = _parse_dtype(dtype)
@@ -306,6 +327,7 @@ def load(
             msg = (f"{display}: config.json declares rope_theta={rope['declared']:g} but transformers "
                    f"resolves {wrong}; NOT fixed (fix_rope=False): those layers run at the wrong theta")
         log.warning(msg)
+    _check_family(config, display, trust_remote_code)
     register()
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               **hub_kwargs(source, path, revision)}
@@ -340,6 +362,7 @@ def load(
         if source != "local":
             raise
         tokenizer = None  # a bare local checkpoint: analyse it with token_ids=
+    check_supported(hf_model, display)  # for classes the meta build could not check
     hf_model.eval()
     dev = torch.device(device)
     hf_model.to(dev)

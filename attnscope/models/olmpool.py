@@ -177,6 +177,14 @@ def _native_model_types(model_types) -> set[str]:
 
 
 @lru_cache(maxsize=1)
+def custom_model_types() -> frozenset[str]:
+    """model_types only OlmPool checkpoints use (their repository code; no transformers class):
+    the configs whose missing `layer_types` attnscope repairs with the OlmPool window pattern."""
+    types = set(_table()["model_type"].dropna().astype(str))
+    return frozenset(types - _native_model_types(types))
+
+
+@lru_cache(maxsize=1)
 def _table() -> pd.DataFrame:
     with resources.files("attnscope.data").joinpath(_CSV).open("r", encoding="utf-8") as fh:
         raw = pd.read_csv(fh)
