@@ -784,8 +784,9 @@ def _uses_alibi(model, text) -> bool:
     families that always use it (bloom), the attention module's own code."""
     import inspect
 
-    if getattr(text, "alibi", False) or getattr(getattr(text, "attn_config", None), "alibi", False):
-        return True
+    for holder in (text, getattr(text, "attn_config", None)):
+        if holder is not None and hasattr(holder, "alibi"):  # a switch: trust it
+            return bool(holder.alibi)
     for _, m in _attention_modules(model, []):
         try:
             if "alibi" in inspect.getsource(type(m).forward):
