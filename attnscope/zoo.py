@@ -197,8 +197,10 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
         "swa_qk_nope_head_dim": 16, "swa_v_head_dim": 16}),
     # ReformerModelWithLMHead asserts is_decoder=True (the causal LM setting); its axial position
     # embedding must factor the (shrunk) positions and sum to the width; chunks < 32 tokens
+    # LSH attention draws random rotations at every forward unless hash_seed is set: eager and
+    # attnscope must see the same buckets
     "reformer": {"is_decoder": True, "axial_pos_shape": [8, 16], "axial_pos_embds_dim": [32, 32],
-                 "local_attn_chunk_length": 8, "lsh_attn_chunk_length": 8},
+                 "local_attn_chunk_length": 8, "lsh_attn_chunk_length": 8, "hash_seed": 0},
 }
 
 
@@ -485,7 +487,29 @@ def tiny_config(model_type: str):
             target[key] = {**target[key], **value}
         else:
             target[key] = value
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    return _grow_to_every_kind(cls, kwargs, config, default, target)
+
+
+def _layer_kinds(config) -> set:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None) or ()
+    return set(map(str, types))
+
+
+def _grow_to_every_kind(cls, kwargs, config, default, target):
+    """Where the layer kinds follow from a pattern (recurrent_gemma's cycle of block types)
+    rather than a per-layer list, add layers until every kind of the default config is there."""
+    want = _layer_kinds(default)
+    n_key = next((k for k in _LAYER_KEYS if _is_int(target.get(k))), None)
+    if not want or n_key is None or any(
+            isinstance(v, list) and len(v) == target[n_key] for v in target.values()):
+        return config
+    full = getattr(default.get_text_config(decoder=True), n_key, None) or target[n_key]
+    while _layer_kinds(config) != want and target[n_key] < min(full, 8):
+        target[n_key] += 1
+        config = cls(**kwargs)
+    return config
 
 
 # --- recording the attention calls ----------------------------------------------------------
@@ -827,7 +851,13 @@ def _features(model, config, calls: list[AttentionCall], n_maps: int) -> list[st
                     for m in model.modules())
     if recurrent and (calls or n_maps):
         feats.add(HYBRID)
-    if not calls and not n_maps:
+    # softmax attention that does not call the interface: attention-named modules that are not
+    # recurrent mixers (reformer's LSH attention returns no [B, H, T, S] maps, yet attends)
+    own_attention = any(
+        any(w in type(m).__name__ for w in ("Attention", "Attn")) and not any(
+            w in type(m).__name__ for w in _RECURRENT_CLASS_WORDS + ("Layer", "Block", "Norm"))
+        for m in model.modules())
+    if not calls and not n_maps and not own_attention:
         feats.add(RECURRENT_ONLY)
     per_module: dict[int, int] = {}
     for c in calls:
@@ -846,7 +876,7 @@ def _features(model, config, calls: list[AttentionCall], n_maps: int) -> list[st
         feats.add(GQA)
     if any("expert" in n.lower() for n in names):
         feats.add(MOE)
-    if n_maps and not calls:
+    if not calls and (n_maps or own_attention):
         feats.add(BYPASSES_INTERFACE)
     return [f for f in FEATURES if f in feats]
 
@@ -886,11 +916,14 @@ def tiny_model(model_type: str, *, seed: int = 0) -> TinyModel:
     if not _is_causal(model, input_ids):
         raise FamilySkip(f"{model_type}: not a causal LM as built from its default config "
                          f"({type(model).__name__}): position 0's logits change when the last token "
-                         "changes (bidirectional encoder)")
+                         "changes (bidirectional attention)")
     calls = record_attention_calls(model, input_ids)
     notes = _switch_on(model, torch.Generator().manual_seed(seed + 1), calls)
     std = _calibrate(model, input_ids, _qk_scalers(model, calls), notes)
-    _, maps, n_other = eager_attentions(model, input_ids)
+    logits, maps, n_other = eager_attentions(model, input_ids)
+    if not torch.equal(logits, eager_attentions(model, input_ids)[0]):  # the harness needs it
+        raise RuntimeError(f"{model_type}: two eager forwards on the same ids differ (a random draw "
+                           "inside the forward): no reference to compare with")
     if n_other:
         notes.append(f"output_attentions also returned {n_other} tensors that are not attention maps")
     feats = _features(model, config, calls, len(maps))
