@@ -127,6 +127,7 @@ _RULES: dict[str, Any] = {
                      "attention_chunk_size", "local_attention_window_len", "window_size"), 8),
     "index_topk": 8, "index_n_heads": 2, "index_head_dim": 16,
     "index_block_size": 4, "index_topk_blocks": 2, "index_local_blocks": 1,
+    "keep_window_size": 8,  # doge's dynamic mask keeps the top keys beyond this many
     # state-space / recurrent parts
     **dict.fromkeys(("state_size", "mamba_d_state", "ssm_state_size", "d_state"), 8),
     **dict.fromkeys(("mamba_d_head", "mamba_head_dim", "mamba_headdim"), 16),
@@ -535,6 +536,7 @@ def _mask_kind(mask) -> str:
 class _Recorder:
     def __init__(self):
         self.calls: list[AttentionCall] = []
+        self.bias_std: list[float] = []  # std of each `position_bias` over the visible pairs
 
 
 _ACTIVE: list[_Recorder] = []
@@ -547,6 +549,9 @@ def _probe_attention(module, query, key, value, attention_mask, *args, **kwargs)
             type(module).__name__, id(module), getattr(module, "layer_idx", None),
             tuple(query.shape), tuple(key.shape), tuple(value.shape), _mask_kind(attention_mask),
             {k: _describe(v) for k, v in kwargs.items()}))
+        bias = kwargs.get("position_bias")
+        if isinstance(bias, torch.Tensor):
+            _ACTIVE[-1].bias_std.append(float(bias.float()[bias != 0].std()) if bias.any() else 0.0)
     own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if own is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as own
@@ -582,6 +587,10 @@ def record_attention_calls(model, input_ids) -> list[AttentionCall]:
     """Every call one forward makes to the attention function registered with transformers'
     AttentionInterface (run with the family's own eager attention, so outputs are unchanged).
     Empty for families whose attention does not go through the interface."""
+    return _probe_forward(model, input_ids).calls
+
+
+def _probe_forward(model, input_ids) -> _Recorder:
     _register_probe()
     rec = _Recorder()
     _ACTIVE.append(rec)
@@ -594,7 +603,7 @@ def record_attention_calls(model, input_ids) -> list[AttentionCall]:
         del exc
     finally:
         _ACTIVE.remove(rec)
-    return rec.calls
+    return rec
 
 
 def is_probability_map(a, n_queries: int) -> bool:
@@ -745,6 +754,27 @@ def _calibrate(model, input_ids, scalers, notes) -> float | None:
     return s
 
 
+def _amplify_position_bias(model, input_ids, calls, notes) -> None:
+    """A learned relative-position bias (inkling's `position_bias`) starts near 0 (std ~0.01)
+    and would change nothing: scale the modules that make it (the attention modules' children
+    named `rel*`; the bias is linear in their parameters) to a std of ~1 over the biased pairs."""
+    if not any("position_bias" in c.kwargs for c in calls):
+        return
+    makers = [m for _, attn in _attention_modules(model, calls) for n, m in attn.named_children()
+              if n.startswith("rel") or "Relative" in type(m).__name__]
+    params = [p for m in makers for p in m.parameters() if p.is_floating_point()]
+    for _ in range(2):
+        stds = [x for x in _probe_forward(model, input_ids).bias_std if x > 0]
+        if not stds or not params:
+            break
+        factor = 1.0 / (sum(stds) / len(stds))
+        with torch.no_grad():
+            for p in params:
+                p.mul_(factor)
+    stds = _probe_forward(model, input_ids).bias_std
+    notes.append(f"position_bias scaled to std {sum(stds) / max(len(stds), 1):.2f}")
+
+
 def _switch_on(model, generator, calls: list[AttentionCall] = ()) -> list[str]:
     """Learned sinks (zero at init in some families) get logits in [0, 2]; gains on the
     query/key side that start at zero (a key scale of 0 makes every score 0) start at 1.
@@ -803,6 +833,19 @@ _RECURRENT_CLASS_WORDS = ("Mamba", "Mixer", "GatedDeltaNet", "DeltaNet", "Linear
 _WINDOW_KINDS = ("sliding", "swa", "local")
 
 
+def _decoder_stacks(model, callers: set[int]) -> tuple[str, ...]:
+    """Name prefixes of the layer lists that hold the attention-calling modules
+    ("model.layers."), so that a vision or audio tower's convolutions are not a hybrid decoder."""
+    out = set()
+    for name, m in model.named_modules():
+        if id(m) in callers:
+            parts = name.split(".")
+            idx = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+            if idx is not None:
+                out.add(".".join(parts[:idx]) + ".")
+    return tuple(sorted(out))
+
+
 def _uses_alibi(model, text) -> bool:
     """ALiBi adds a per-head linear bias to the scores: a config flag (mpt, falcon) or, for
     families that always use it (bloom), the attention module's own code."""
@@ -847,8 +890,9 @@ def _features(model, config, calls: list[AttentionCall], n_maps: int) -> list[st
             c.mask.startswith("float") and c.mask.split(",")[1].strip() not in ("1",) for c in calls):
         feats.add(SCORE_BIAS)
     callers = {c.module_id for c in calls}
+    stacks = _decoder_stacks(model, callers)  # recurrent mixers count inside the decoder only
     recurrent = any(any(w in type(m).__name__ for w in _RECURRENT_CLASS_WORDS) and id(m) not in callers
-                    for m in model.modules())
+                    and (not stacks or n.startswith(stacks)) for n, m in model.named_modules())
     if recurrent and (calls or n_maps):
         feats.add(HYBRID)
     # softmax attention that does not call the interface: attention-named modules that are not
@@ -920,6 +964,7 @@ def tiny_model(model_type: str, *, seed: int = 0) -> TinyModel:
     calls = record_attention_calls(model, input_ids)
     notes = _switch_on(model, torch.Generator().manual_seed(seed + 1), calls)
     std = _calibrate(model, input_ids, _qk_scalers(model, calls), notes)
+    _amplify_position_bias(model, input_ids, calls, notes)
     logits, maps, n_other = eager_attentions(model, input_ids)
     if not torch.equal(logits, eager_attentions(model, input_ids)[0]):  # the harness needs it
         raise RuntimeError(f"{model_type}: two eager forwards on the same ids differ (a random draw "

@@ -59,11 +59,20 @@ def survey(types: list[str], *, through_load: bool = True) -> list[dict]:
     return rows
 
 
+def known_broken_reason(row: dict) -> str:
+    """One line for tests/test_families.py: status, the first failing path, the features."""
+    reason = row["reason"].split(";")[0].replace(" (tolerance 0.0001)", "").replace(" (tolerance 1e-05)", "")
+    feats = [f for f in row["features"] if f not in ("gqa", "moe")]
+    return f"{row['status']} {reason[:110]}" + (f" [{','.join(feats)}]" if feats else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", help="model types (default: every causal-LM type)")
     parser.add_argument("--json", default="zoo_survey.json", help="where to write the results")
     parser.add_argument("--no-load", action="store_true", help="skip the attnscope.load paths")
+    parser.add_argument("--known-broken", action="store_true",
+                        help="also print the KNOWN_BROKEN table of tests/test_families.py for these results")
     args = parser.parse_args(argv)
 
     import torch
@@ -91,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     out = {"transformers_version": transformers.__version__, "torch_version": torch.__version__,
            "total_seconds": round(total, 1), "counts": dict(sorted(counts.items())),
            "attention_kwargs": {k: sorted(v) for k, v in sorted(kwargs.items())}, "families": rows}
+    if args.known_broken:
+        print("KNOWN_BROKEN = {")
+        for r in rows:
+            if r["status"] in ("WRONG", "CRASH"):
+                print(f"    {json.dumps(r['model_type'])}: {json.dumps(known_broken_reason(r))},")
+        print("}")
     Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")
     return 0
