@@ -69,12 +69,39 @@ def reference_statistics(P: np.ndarray, queries: np.ndarray, *, sink_tokens: int
     return out
 
 
-def eager_reference(model, input_ids) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-    """(logits, the attention maps in call order, how many other `attentions` tensors) of one
-    eager forward with output_attentions=True (see attnscope.zoo.eager_attentions)."""
-    from attnscope.zoo import eager_attentions
+def eager_reference(model, input_ids) -> tuple[torch.Tensor, list[torch.Tensor], list[str]]:
+    """(eager logits, the attention probabilities of every attention call in call order, notes).
 
-    return eager_attentions(model, input_ids)
+    The maps are what the family's own eager attention function returned at each call of the
+    attention function (attnscope.zoo.attention_call_maps): a module that runs twice per
+    forward has two. For a family that does not call the attention function, or whose eager
+    function returns no probabilities, they are `output_attentions=True`'s maps (one per module).
+    """
+    from attnscope import zoo
+
+    logits, maps, n_other = zoo.eager_attentions(model, input_ids)
+    notes = [f"output_attentions returned {n_other} tensors that are not attention maps"] if n_other else []
+    try:
+        probe_logits, calls, weights = zoo.attention_call_maps(model, input_ids)
+    except Exception as exc:  # noqa: BLE001 - the recording forward is a convenience, not the reference
+        notes.append(f"per-call maps unavailable ({_one_line(exc)}): output_attentions' maps used")
+        return logits, maps, notes
+    if not calls:
+        return logits, maps, notes
+    T = input_ids.shape[1]
+    usable = all(w is not None and zoo.is_probability_map(w, w.shape[2]) for w in weights)
+    same = probe_logits is not None and float((probe_logits - logits).abs().max()) <= 1e-6
+    if usable and same:
+        if len(weights) != len(maps):
+            notes.append(f"{len(weights)} attention calls, {len(maps)} output_attentions maps: "
+                         "compared call by call")
+        bad = [i for i, w in enumerate(weights) if w.shape[2] != T]
+        if bad:
+            notes.append(f"calls {bad} have another number of queries than the {T} tokens")
+        return logits, weights, notes
+    notes.append("per-call maps unusable (" + ("a call returned no probabilities" if not usable else
+                 "the recording forward's logits differ from eager's") + "): output_attentions' maps used")
+    return logits, maps, notes
 
 
 # --- results --------------------------------------------------------------------------------
@@ -199,6 +226,9 @@ def _stats_path(path: str, ds, maps: list[torch.Tensor], T: int) -> PathResult:
     errors: dict[str, float] = {}
     worst = ("", 0.0, None)
     for i, P in enumerate(maps):
+        if P.shape[2] != T:  # not a token-level call (blt's patch transformer): no definition
+            return PathResult(path, WRONG, f"call {i} has {P.shape[2]} queries for {T} tokens, yet "
+                                           "attnscope returned statistics for it")
         ref = reference_statistics(P[0].double().numpy(), queries, spans=SPANS)
         H = P.shape[1]
         for m in names:
@@ -273,8 +303,7 @@ def check_model(hf_model, input_ids, *, name: str | None = None, through_load: b
     ids = torch.as_tensor(input_ids).reshape(1, -1)
     T = ids.shape[1]
     hf_model.eval()
-    logits_ref, maps, n_other = eager_reference(hf_model, ids)
-    notes = [f"output_attentions returned {n_other} tensors that are not attention maps"] if n_other else []
+    logits_ref, maps, notes = eager_reference(hf_model, ids)
     paths: list[PathResult] = []
 
     with _eager(hf_model):

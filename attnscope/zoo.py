@@ -537,6 +537,8 @@ class _Recorder:
     def __init__(self):
         self.calls: list[AttentionCall] = []
         self.bias_std: list[float] = []  # std of each `position_bias` over the visible pairs
+        self.weights: list = []  # the probabilities each call's eager attention returned
+        self.logits: torch.Tensor | None = None
 
 
 _ACTIVE: list[_Recorder] = []
@@ -555,7 +557,11 @@ def _probe_attention(module, query, key, value, attention_mask, *args, **kwargs)
     own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if own is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as own
-    return own(module, query, key, value, attention_mask, *args, **kwargs)
+    out = own(module, query, key, value, attention_mask, *args, **kwargs)
+    if _ACTIVE:
+        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        _ACTIVE[-1].weights.append(weights.detach().clone() if isinstance(weights, torch.Tensor) else None)
+    return out
 
 
 _PROBE_REGISTERED = False
@@ -596,7 +602,7 @@ def _probe_forward(model, input_ids) -> _Recorder:
     _ACTIVE.append(rec)
     try:
         with _implementation(model, PROBE_IMPLEMENTATION), torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            rec.logits = model(input_ids=input_ids, use_cache=False).logits
     except (ValueError, KeyError, TypeError) as exc:  # the class refuses a registered function
         if rec.calls:
             raise
@@ -604,6 +610,15 @@ def _probe_forward(model, input_ids) -> _Recorder:
     finally:
         _ACTIVE.remove(rec)
     return rec
+
+
+def attention_call_maps(model, input_ids):
+    """(logits, calls, maps) of one forward through the recording attention function: the
+    probabilities the family's own eager attention returned at each call of the attention
+    function, in call order (None where it returned none). Every call is there, also those of
+    a module that runs twice per forward, which `output_attentions` reports once."""
+    rec = _probe_forward(model, input_ids)
+    return rec.logits, rec.calls, rec.weights
 
 
 def is_probability_map(a, n_queries: int) -> bool:

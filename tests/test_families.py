@@ -35,6 +35,7 @@ KNOWN_BROKEN = {
     "deepseek_v3": "CRASH analyze: RuntimeError: scaled_dot_product_attention_flash_attention: Q/K/V should have the same head size [mla]",
     "deepseek_v32": "WRONG logits: logits off by 0.83 [mla,sparse_topk]",
     "deepseek_v4": "WRONG analyze: entropy off by 1.67 at call 1 [learned_sinks,sliding_window,sparse_topk]",
+    "diffllama": "WRONG analyze: attnscope reports 2 attention calls (layer [0, 1]), eager made 4 [shared_attention]",
     "doge": "WRONG analyze: entropy off by 0.308 at call 1 [score_bias]",
     "dots3_note": "WRONG logits: logits off by 0.837 [mla,sliding_window,sparse_topk,per_layer_heads]",
     "dots3_note_text": "WRONG logits: logits off by 0.837 [mla,sliding_window,sparse_topk,per_layer_heads]",
