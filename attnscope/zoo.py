@@ -177,7 +177,9 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(("gemma3n", "gemma3n_text"), {"num_kv_shared_layers": 2}),
     # attention every `attn_layer_period` layers from `attn_layer_offset`, experts likewise:
     # period 2 keeps a mamba and an attention layer, a dense and a MoE layer in 2 layers
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+    # (default: attention at 4 mod 8, always with a dense MLP; MoE at odd layers): period 3 offset
+    # 2 keeps mamba+dense, mamba+MoE and attention+dense in 3 layers
+    "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2, "expert_layer_period": 2,
               "expert_layer_offset": 1},
     # the default configs have no attention layer at all; every released checkpoint mixes
     # mamba and attention layers
@@ -187,6 +189,8 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
     # block that runs twice per forward is what to exercise)
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
     "zamba2": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
+    # layer 0 has no attention-residual input: the layer type it has must come again later
+    "inkling2_text": {"num_hidden_layers": 3, "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"]},
     # GPT-Neo lists its layers as [[kinds], repeats]: one global and one local layer
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # dots3's sliding layers are MLA with their own sizes (64 heads where the others have 128,
@@ -287,6 +291,8 @@ _SSM_HEADS = (("mamba_n_heads", "mamba_d_head", "mamba_expand"),
 
 
 def _rule(key: str, value):
+    if value == 0:  # a size of 0 switches a part off (granitemoeshared's shared MLP): keep it off
+        return None
     if key in _RULES:
         return min(value, _RULES[key]) if key in ("num_experts_per_tok", "topk_group") else _RULES[key]
     if "vocab" in key and value > _VOCAB:  # other vocabularies: n-grams, per-layer inputs, bytes
@@ -511,6 +517,38 @@ def _grow_to_every_kind(cls, kwargs, config, default, target):
         target[n_key] += 1
         config = cls(**kwargs)
     return config
+
+
+def _decoder_layer_kinds(model) -> set[tuple[str, ...]]:
+    """The kinds of decoder layer of a model: for each layer of the text decoder's layer lists,
+    the class names of its parts (attention or mixer, MLP or MoE, norms)."""
+    import torch.nn as nn
+
+    root = model.get_decoder() if hasattr(model, "get_decoder") else model
+    kinds = set()
+    for m in root.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and all(
+                any(True for _ in x.children()) and not isinstance(x, nn.ModuleList) for x in m):
+            for layer in m:
+                kinds.add(tuple(sorted({type(c).__name__ for c in layer.children()})))
+    return kinds
+
+
+def missing_layer_kinds(model_type: str) -> list[tuple[str, ...]] | None:
+    """Kinds of decoder layer the default config builds that the tiny one lacks (both built on
+    the meta device, so no weights are allocated): what the layer plan failed to keep. None
+    where the default config itself does not build (a size it leaves None: see _OVERRIDES)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny = tiny_config(model_type)
+    with torch.device("meta"):
+        try:
+            default = AutoModelForCausalLM.from_config(_config_class(model_type)())
+        except Exception:  # noqa: BLE001 - an unbuildable default has nothing to compare with
+            return None
+        want = _decoder_layer_kinds(default)
+        have = _decoder_layer_kinds(AutoModelForCausalLM.from_config(tiny))
+    return sorted(want - have)
 
 
 # --- recording the attention calls ----------------------------------------------------------

@@ -54,10 +54,10 @@ KNOWN_BROKEN = {
     "gpt_oss": "WRONG analyze: entropy off by 0.199 at call 0 [learned_sinks,sliding_window]",
     "gptj": "CRASH load: KeyError: 'attnscope' [bypasses_interface]",
     "granite_swa": "WRONG analyze: entropy off by 0.0148 at call 1 [learned_sinks,sliding_window]",
-    "granitemoe_swa": "WRONG analyze: entropy off by 0.00659 at call 1 [learned_sinks,sliding_window]",
+    "granitemoe_swa": "WRONG analyze: entropy off by 0.0119 at call 1 [learned_sinks,sliding_window]",
     "hrm_text": "WRONG analyze: attnscope reports 2 attention calls (layer [0, 1]), eager made 16 [shared_attention]",
     "hy_v4": "WRONG logits: logits off by 0.17 [learned_sinks,mla,sparse_topk]",
-    "inkling2_text": "WRONG analyze: entropy off by 0.138 at call 1 [learned_sinks,sliding_window,score_bias,hybrid]",
+    "inkling2_text": "WRONG analyze: entropy off by 0.29 at call 1 [learned_sinks,sliding_window,score_bias,hybrid]",
     "inkling_text": "WRONG analyze: entropy off by 0.244 at call 1 [sliding_window,score_bias,hybrid]",
     "kimi_linear": "CRASH analyze: RuntimeError: scaled_dot_product_attention_flash_attention: Q/K/V should have the same head size [mla,hybrid]",
     "longcat_flash": "CRASH analyze: RuntimeError: scaled_dot_product_attention_flash_attention: Q/K/V should have the same head size [mla]",
@@ -118,6 +118,21 @@ def test_family_is_exact_or_refused(model_type):
             assert names_family_or_feature(path.detail, model_type, result.features), (
                 f"{model_type}: the refusal names neither the family nor a feature "
                 f"({', '.join(result.features) or 'none'}): {path.detail}")
+
+
+@pytest.mark.parametrize("model_type", zoo.causal_lm_types())
+def test_tiny_model_keeps_every_layer_kind(model_type):
+    """Every kind of decoder layer of the default config (attention or mixer, MLP or MoE, by
+    the classes of its parts) is in the tiny model: the layer plan dropped none."""
+    try:
+        missing = zoo.missing_layer_kinds(model_type)
+    except zoo.FamilySkip as skip:
+        pytest.skip(skip.reason)
+    except ImportError as exc:
+        pytest.skip(f"{model_type} cannot be built here: {str(exc).strip().splitlines()[-1]}")
+    if missing is None:
+        pytest.skip(f"{model_type}: the default config itself does not build")
+    assert not missing, f"{model_type}: the tiny model lacks layers made of {missing}"
 
 
 def test_reference_counts_the_learned_sink():
