@@ -88,6 +88,7 @@ def eager_reference(model, input_ids) -> tuple[torch.Tensor, list[torch.Tensor],
         return logits, maps, notes
     if not calls:
         return logits, maps, notes
+    notes.append(f"decoder layers of the attention calls: {decoder_positions(model, calls)}")
     T = input_ids.shape[1]
     usable = all(w is not None and zoo.is_probability_map(w, w.shape[2]) for w in weights)
     same = probe_logits is not None and float((probe_logits - logits).abs().max()) <= 1e-6
@@ -130,6 +131,7 @@ class ConformanceResult:
     notes: list[str] = field(default_factory=list)
     features: tuple[str, ...] = ()
     attention_kwargs: dict[str, str] = field(default_factory=dict)
+    attention_calls: list[dict] = field(default_factory=list)  # module, shapes, mask of each call
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -137,6 +139,7 @@ class ConformanceResult:
                 "features": list(self.features), "errors": self.errors,
                 "refused_when": self.refused_when, "refused_after_forward": self.refused_after_forward,
                 "n_eager_maps": self.n_eager_maps, "attention_kwargs": self.attention_kwargs,
+                "attention_calls": self.attention_calls,
                 "notes": self.notes, "seconds": round(self.seconds, 3),
                 "paths": [vars(p) for p in self.paths]}
 
@@ -203,6 +206,18 @@ def _run(path: str, counter_model, fn) -> tuple[PathResult | None, Any]:
             counter.close()
 
 
+def decoder_positions(model, calls) -> list:
+    """For each attention call, the index of the decoder layer its module sits in (the first
+    number in the module's qualified name: model.layers.4.self_attn -> 4), or its name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for c in calls:
+        name = names.get(c.module_id, "?")
+        num = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        out.append(num if num is not None else name)
+    return out
+
+
 def _logits_path(path: str, got: torch.Tensor, want: torch.Tensor) -> PathResult:
     if got.shape != want.shape:
         return PathResult(path, WRONG, f"logits shape {tuple(got.shape)} != eager {tuple(want.shape)}")
@@ -253,7 +268,11 @@ def _stats_path(path: str, ds, maps: list[torch.Tensor], T: int) -> PathResult:
                                        + ", ".join(f"{k} {v:.3g}" for k, v in sorted(bad.items())), errors)
     if not maps:
         return PathResult(path, WRONG, "eager made no attention call, yet attnscope returned statistics")
-    return PathResult(path, EXACT, errors=errors)
+    return PathResult(path, EXACT, f"{call_dim} labels {[_label(x) for x in ds[call_dim].values]}", errors)
+
+
+def _label(x):
+    return x.item() if hasattr(x, "item") else x
 
 
 def _analyze(model, ids: torch.Tensor):
@@ -319,6 +338,11 @@ def check_model(hf_model, input_ids, *, name: str | None = None, through_load: b
         paths.extend(_load_paths(hf_model, ids, logits_ref, notes))
     result = _overall(name, paths)
     result.n_eager_maps = len(maps)
+    positions = next((n.split(": ", 1)[1] for n in notes if n.startswith("decoder layers of the")), None)
+    labels = next((p.detail.split("labels ", 1)[1] for p in paths
+                   if p.path == "analyze" and p.status == EXACT and "labels " in p.detail), None)
+    if positions and labels and positions != labels:  # issue 18 item 6: labels by decoder position
+        notes.append(f"attnscope labels the calls {labels}; they sit in decoder layers {positions}")
     result.notes = notes
     result.seconds = time.perf_counter() - start
     return result
@@ -376,6 +400,10 @@ def check_family(model_type: str, *, seed: int = 0, through_load: bool = True) -
     result = check_model(tiny.model, tiny.input_ids, name=model_type, through_load=through_load)
     result.features = tiny.features
     result.attention_kwargs = tiny.attention_kwargs
+    names = {id(m): n for n, m in tiny.model.named_modules()}
+    result.attention_calls = [{"module": names.get(c.module_id, c.module), "class": c.module,
+                               "layer_idx": c.layer_idx, "query": list(c.query), "key": list(c.key),
+                               "value": list(c.value), "mask": c.mask} for c in tiny.calls]
     result.notes = tiny.notes + result.notes
     result.seconds = time.perf_counter() - start
     return result

@@ -248,12 +248,18 @@ class TinyModel:
 
     @property
     def attention_kwargs(self) -> dict[str, str]:
-        """Every keyword argument the family passes to the attention function (name -> example)."""
-        out: dict[str, str] = {}
-        for c in self.calls:
-            for k, v in c.kwargs.items():
-                out.setdefault(k, v)
-        return dict(sorted(out.items()))
+        """Every keyword argument the family passes to the attention function: name -> the
+        distinct values it took over one forward ("None | 8"; tensors as shape and dtype)."""
+        return attention_kwargs(self.calls)
+
+
+def attention_kwargs(calls) -> dict[str, str]:
+    seen: dict[str, list[str]] = {}
+    for c in calls:
+        for k, v in c.kwargs.items():
+            if v not in seen.setdefault(k, []):
+                seen[k].append(v)
+    return {k: " | ".join(v) for k, v in sorted(seen.items())}
 
 
 def _config_class(model_type: str):
