@@ -189,6 +189,9 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
     # block that runs twice per forward is what to exercise)
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
     "zamba2": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
+    # the default config has no sparse layer (released checkpoints set sparse_attention_freq):
+    # one full and one block-sparse ("minimax_m3_sparse") layer
+    "minimax_m3_vl_text": {"layer_types": ["full_attention", "minimax_m3_sparse"]},
     # layer 0 has no attention-residual input: the layer type it has must come again later
     "inkling2_text": {"num_hidden_layers": 3, "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"]},
     # GPT-Neo lists its layers as [[kinds], repeats]: one global and one local layer
@@ -941,8 +944,11 @@ def _features(model, config, calls: list[AttentionCall], n_maps: int) -> list[st
     if getattr(text, "attn_logit_softcapping", None) or any(
             c.kwargs.get("softcap", "None") != "None" for c in calls):
         feats.add(SOFTCAP)
-    if any(getattr(text, k, None) for k in ("index_topk", "index_topk_blocks")) or any(
-            "indices" in c.kwargs for c in calls):
+    # selection in use: keys chosen per query passed to the attention function, layers typed as
+    # indexed/sparse, or doge's dynamic mask keeping fewer keys than the input has
+    if any(c.kwargs.get(k, "None") != "None" for c in calls for k in ("indices", "block_indices")) or any(
+            "indexed" in t or "sparse" in t for t in types) or (
+            _is_int(getattr(text, "keep_window_size", None)) and text.keep_window_size < N_TOKENS):
         feats.add(SPARSE_TOPK)
     if _uses_alibi(model, text) or any(
             k in c.kwargs for c in calls for k in ("position_bias", "alibi", "bias", "score_bias")) or any(
