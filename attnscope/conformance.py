@@ -275,13 +275,14 @@ def _label(x):
     return x.item() if hasattr(x, "item") else x
 
 
-def _analyze(model, ids: torch.Tensor):
+def _analyze(model, ids: torch.Tensor, kernel: str = "auto"):
     import attnscope
     from attnscope.metrics.reductions import ALL_METRICS
 
     metrics = METRICS + (("learned_sink_mass",) if "learned_sink_mass" in ALL_METRICS else ())
     return attnscope.analyze(model, token_ids=ids[0].tolist(), metrics=metrics, spans=SPANS,
-                             min_query_position=MIN_QUERY, sink_tokens=SINK_TOKENS, progress=False)
+                             min_query_position=MIN_QUERY, sink_tokens=SINK_TOKENS, progress=False,
+                             kernel=kernel)
 
 
 def _plain_logits(model, ids):
@@ -314,9 +315,19 @@ def _eager(model):
             model.set_attn_implementation("eager")
 
 
-def check_model(hf_model, input_ids, *, name: str | None = None, through_load: bool = True) -> ConformanceResult:
+def check_model(hf_model, input_ids, *, name: str | None = None, through_load: bool = True,
+                kernel: str = "auto") -> ConformanceResult:
     """Compare attnscope with eager attention on `hf_model` (a transformers causal LM in fp32,
-    in memory) for one unpadded row `input_ids` [1, T]; see the module docstring."""
+    in memory) for one unpadded row `input_ids` [1, T]; see the module docstring. `kernel`
+    forces attnscope's attention kernel on every path ("flex", "reference", ...; "auto" is what
+    a user gets)."""
+    from attnscope.capture.interface import kernel_settings
+
+    with kernel_settings(kernel):
+        return _check_model(hf_model, input_ids, name=name, through_load=through_load, kernel=kernel)
+
+
+def _check_model(hf_model, input_ids, *, name, through_load, kernel) -> ConformanceResult:
     start = time.perf_counter()
     name = name or getattr(hf_model.config, "model_type", type(hf_model).__name__)
     ids = torch.as_tensor(input_ids).reshape(1, -1)
@@ -326,7 +337,7 @@ def check_model(hf_model, input_ids, *, name: str | None = None, through_load: b
     paths: list[PathResult] = []
 
     with _eager(hf_model):
-        fail, ds = _run("analyze", hf_model, lambda: _analyze(hf_model, ids))
+        fail, ds = _run("analyze", hf_model, lambda: _analyze(hf_model, ids, kernel))
         paths.append(fail or _stats_path("analyze", ds, maps, T))
     with _eager(hf_model):
         fail, got = _run("logits", hf_model, lambda: _plain_logits(hf_model, ids))
@@ -335,7 +346,7 @@ def check_model(hf_model, input_ids, *, name: str | None = None, through_load: b
         fail, got = _run("logits_capture", hf_model, lambda: _captured_logits(hf_model, ids))
         paths.append(fail or _logits_path("logits_capture", got, logits_ref))
     if through_load:
-        paths.extend(_load_paths(hf_model, ids, logits_ref, notes))
+        paths.extend(_load_paths(hf_model, ids, logits_ref, notes, kernel))
     result = _overall(name, paths)
     result.n_eager_maps = len(maps)
     positions = next((n.split(": ", 1)[1] for n in notes if n.startswith("decoder layers of the")), None)
@@ -348,7 +359,7 @@ def check_model(hf_model, input_ids, *, name: str | None = None, through_load: b
     return result
 
 
-def _load_paths(hf_model, ids, logits_ref, notes) -> list[PathResult]:
+def _load_paths(hf_model, ids, logits_ref, notes, kernel) -> list[PathResult]:
     """The paths through attnscope.load of the model saved with save_pretrained."""
     import attnscope
     from transformers import AutoModelForCausalLM
@@ -375,7 +386,7 @@ def _load_paths(hf_model, ids, logits_ref, notes) -> list[PathResult]:
         paths.append(fail or _logits_path("load_logits", got, ref_logits))
         fail, got = _run("load_logits_capture", model, lambda: _captured_logits(model, ids))
         paths.append(fail or _logits_path("load_logits_capture", got, ref_logits))
-        fail, ds = _run("load_analyze", model, lambda: _analyze(lm, ids))
+        fail, ds = _run("load_analyze", model, lambda: _analyze(lm, ids, kernel))
         paths.append(fail or _stats_path("load_analyze", ds, ref_maps, T))
         return paths
 
@@ -387,7 +398,8 @@ def _loaded_logits(model, ids):
 
 # --- families -------------------------------------------------------------------------------
 
-def check_family(model_type: str, *, seed: int = 0, through_load: bool = True) -> ConformanceResult:
+def check_family(model_type: str, *, seed: int = 0, through_load: bool = True,
+                 kernel: str = "auto") -> ConformanceResult:
     """Build the family's tiny model (attnscope.zoo) and check it; SKIP for a model type that is
     not a text decoder. Exceptions while building propagate (they are the zoo's, not attnscope's)."""
     from attnscope import zoo
@@ -397,7 +409,8 @@ def check_family(model_type: str, *, seed: int = 0, through_load: bool = True) -
         tiny = zoo.tiny_model(model_type, seed=seed)
     except zoo.FamilySkip as skip:
         return ConformanceResult(model_type, SKIP, reason=skip.reason, seconds=time.perf_counter() - start)
-    result = check_model(tiny.model, tiny.input_ids, name=model_type, through_load=through_load)
+    result = check_model(tiny.model, tiny.input_ids, name=model_type, through_load=through_load,
+                         kernel=kernel)
     result.features = tiny.features
     result.attention_kwargs = tiny.attention_kwargs
     names = {id(m): n for n, m in tiny.model.named_modules()}

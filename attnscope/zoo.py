@@ -995,7 +995,7 @@ def _features(model, config, calls: list[AttentionCall], n_maps: int) -> list[st
 def _is_causal(model, input_ids) -> bool:
     """Does position 0 ignore the last token? (Encoders used as LM heads do not.)"""
     other = input_ids.clone()
-    other[0, -1] = (other[0, -1] + 1) % int(input_ids.max() + 2)
+    other[0, -1] = next(int(t) for t in input_ids[0] if t != input_ids[0, -1])  # another real token
     with torch.no_grad():
         a = model(input_ids=input_ids, use_cache=False).logits[0, 0]
         b = model(input_ids=other, use_cache=False).logits[0, 0]
@@ -1006,18 +1006,17 @@ def tiny_model(model_type: str, *, seed: int = 0) -> TinyModel:
     """A tiny random fp32 eval model of `model_type` (eager attention) with its 32-token input.
     Raises FamilySkip for a model type that is not a text decoder."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     start = time.perf_counter()
     config = tiny_config(model_type)
-    hf_logging.set_verbosity_error()
     with torch.device("meta"):  # count first: a config the rules missed would build a full-size model
         size = sum(p.numel() for p in AutoModelForCausalLM.from_config(
             config, attn_implementation="eager", dtype=torch.float32).parameters())
     if size > MAX_PARAMS:
         raise RuntimeError(f"{model_type}: the shrunk config still has {size / 1e6:.0f}M parameters")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     model.eval()
     if model_type in _AFTER_BUILD:
         _AFTER_BUILD[model_type](model)

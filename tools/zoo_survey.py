@@ -3,7 +3,7 @@ WRONG or CRASH on a tiny random model of it (or is the family SKIPped: not a tex
 
     PYTHONPATH=. python tools/zoo_survey.py                  # all families, table + JSON
     PYTHONPATH=. python tools/zoo_survey.py llama gpt_oss    # some families
-    PYTHONPATH=. python tools/zoo_survey.py --json out.json --no-load
+    PYTHONPATH=. python tools/zoo_survey.py --json out.json --no-load --kernel flex
 
 Each family runs in its own try (a zoo that cannot build a family reports BUILD_ERROR); the
 JSON holds, per family: status, features, the max error per path and quantity, the reason,
@@ -39,14 +39,14 @@ def _quiet() -> None:
     del transformers
 
 
-def survey(types: list[str], *, through_load: bool = True) -> list[dict]:
+def survey(types: list[str], *, through_load: bool = True, kernel: str = "auto") -> list[dict]:
     from attnscope import conformance as C
 
     rows = []
     for mt in types:
         start = time.perf_counter()
         try:
-            row = C.check_family(mt, through_load=through_load).to_json()
+            row = C.check_family(mt, through_load=through_load, kernel=kernel).to_json()
         except Exception as exc:  # noqa: BLE001 - the zoo could not build this family
             row = {"name": mt, "status": C.BUILD_ERROR, "reason": f"{type(exc).__name__}: "
                    f"{(str(exc).strip().splitlines() or [''])[-1][:300]}", "features": [], "errors": {},
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("types", nargs="*", help="model types (default: every causal-LM type)")
     parser.add_argument("--json", default="zoo_survey.json", help="where to write the results")
     parser.add_argument("--no-load", action="store_true", help="skip the attnscope.load paths")
+    parser.add_argument("--kernel", default="auto",
+                        help="force attnscope's attention kernel (auto, flex, cpu_flash, grouped, reference)")
     parser.add_argument("--known-broken", action="store_true",
                         help="also print the KNOWN_BROKEN table of tests/test_families.py for these results")
     args = parser.parse_args(argv)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     types = args.types or zoo.causal_lm_types()
     start = time.perf_counter()
-    rows = survey(types, through_load=not args.no_load)
+    rows = survey(types, through_load=not args.no_load, kernel=args.kernel)
     total = time.perf_counter() - start
 
     counts = Counter(r["status"] for r in rows)
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, fams in sorted(kwargs.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         print(f"  {k:28s} {len(fams):3d}  {' '.join(fams) if len(fams) <= 12 else ''}")
     out = {"transformers_version": transformers.__version__, "torch_version": torch.__version__,
+           "kernel": args.kernel,
            "total_seconds": round(total, 1), "counts": dict(sorted(counts.items())),
            "attention_kwargs": {k: sorted(v) for k, v in sorted(kwargs.items())}, "families": rows}
     if args.known_broken:
