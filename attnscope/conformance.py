@@ -5,7 +5,8 @@ same ids, along every path a user takes:
 
 - `analyze`: `attnscope.analyze` on the model in memory: sink mass, entropy, a span mass (and
   `learned_sink_mass` where attnscope offers it), per attention call in call order, against the
-  same reductions of eager's `output_attentions=True` maps (`reference_statistics`);
+  same reductions (`reference_statistics`) of the probabilities eager attention computed at each
+  call (`eager_reference`);
 - `logits`: the model under `attn_implementation="attnscope"` without a capture, and
   `logits_capture` with a capture active, against eager's logits;
 - `load`, `load_logits`, `load_logits_capture`, `load_analyze`: the same through
@@ -176,7 +177,7 @@ class _ForwardCounter:
     def __init__(self, model):
         self.n = 0
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self._handle = (emb or model).register_forward_pre_hook(self._hook)
+        self._handle = (emb if emb is not None else model).register_forward_pre_hook(self._hook)
 
     def _hook(self, *_):
         self.n += 1
@@ -228,7 +229,15 @@ def _logits_path(path: str, got: torch.Tensor, want: torch.Tensor) -> PathResult
 
 
 def _stats_path(path: str, ds, maps: list[torch.Tensor], T: int) -> PathResult:
-    """Compare analyze's dataset with the reference reductions of eager's maps, call by call."""
+    """Compare analyze's dataset with the reference reductions of eager's maps, call by call
+    (CRASH where the dataset is not laid out as documented: a variable or dim missing)."""
+    try:
+        return _compare_stats(path, ds, maps, T)
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
+        return PathResult(path, CRASH, f"analyze's dataset cannot be read as documented: {_one_line(exc)}")
+
+
+def _compare_stats(path: str, ds, maps: list[torch.Tensor], T: int) -> PathResult:
     queries = np.arange(MIN_QUERY, T)
     call_dim = next((d for d in ("call", "layer") if d in ds["sink_mass"].dims), None)
     if call_dim is None:
@@ -236,7 +245,7 @@ def _stats_path(path: str, ds, maps: list[torch.Tensor], T: int) -> PathResult:
     n_ds = ds.sizes[call_dim]
     if n_ds != len(maps):
         return PathResult(path, WRONG, f"attnscope reports {n_ds} attention calls ({call_dim} "
-                                       f"{[int(x) for x in ds[call_dim].values]}), eager made {len(maps)}")
+                                       f"{[_label(x) for x in ds[call_dim].values]}), eager made {len(maps)}")
     names = ["sink_mass", "entropy", "span_mass"] + (["learned_sink_mass"] if "learned_sink_mass" in ds else [])
     errors: dict[str, float] = {}
     worst = ("", 0.0, None)
