@@ -91,6 +91,16 @@ def eager_reference(model, input_ids) -> tuple[torch.Tensor, list[torch.Tensor],
         return logits, maps, notes
     notes.append(f"decoder layers of the attention calls: {decoder_positions(model, calls)}")
     T = input_ids.shape[1]
+    # attnscope measures causal self-attention over the input's tokens; other calls (BLT's
+    # cross-attention, its transformer over byte patches) it computes but records as skipped
+    modules = {id(m): m for m in model.modules()}
+    measured = [getattr(modules.get(c.module_id), "is_causal", True) is not False and c.query[2] == T
+                for c in calls]
+    if not all(measured):
+        notes.append(f"{measured.count(False)} calls not over the input's tokens or not causal: "
+                     "not compared (attnscope must list them in skipped_layers)")
+        calls = [c for c, keep in zip(calls, measured) if keep]
+        weights = [w for w, keep in zip(weights, measured) if keep]
     usable = all(w is not None and zoo.is_probability_map(w, w.shape[2]) for w in weights)
     same = probe_logits is not None and float((probe_logits - logits).abs().max()) <= 1e-6
     if usable and same:

@@ -607,8 +607,37 @@ def _probe_attention(module, query, key, value, attention_mask, *args, **kwargs)
     out = own(module, query, key, value, attention_mask, *args, **kwargs)
     if _ACTIVE:
         weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-        _ACTIVE[-1].weights.append(weights.detach().clone() if isinstance(weights, torch.Tensor) else None)
+        if isinstance(weights, torch.Tensor):
+            weights = _with_sink_share(weights.detach().clone(), out[0], query, key, value,
+                                       attention_mask, kwargs)
+        _ACTIVE[-1].weights.append(weights if isinstance(weights, torch.Tensor) else None)
     return out
+
+
+def _with_sink_share(weights, output, query, key, value, attention_mask, kwargs):
+    """The probabilities the call's output is computed from. Some families with a learned sink
+    (granite_swa) return the softmax over real keys and scale the output by
+    sigmoid(lse - sink) afterwards, which equals a sink logit in the softmax denominator: their
+    maps then get the sink's share taken out, P = w * sigmoid(lse - sink), and are kept only if
+    P @ V reproduces the call's own output (so the reference never assumes what it checks)."""
+    sink = kwargs.get("s_aux", kwargs.get("sinks"))
+    if not isinstance(sink, torch.Tensor) or sink.dim() != 1 or weights.dim() != 4:
+        return weights
+    if float((weights.float().sum(-1) - 1).abs().max()) > 1e-4:
+        return weights  # rows already short of 1: the sink's share is out of the map
+    rep = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(rep, 1)
+    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    s = query.float() @ k.transpose(-1, -2) * scale
+    if attention_mask is not None:
+        s = s + attention_mask.float()
+    keep = torch.sigmoid(torch.logsumexp(s, -1) - sink.float().view(1, -1, 1))
+    P = weights.float() * keep[..., None]
+    v = value.float().repeat_interleave(rep, 1)
+    mine = (P @ v).transpose(1, 2)
+    if mine.shape == output.shape and float((mine - output.float()).abs().max()) <= 1e-5:
+        return P
+    return weights
 
 
 _PROBE_REGISTERED = False

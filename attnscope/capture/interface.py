@@ -182,6 +182,9 @@ class Observer(Protocol):
 
     def observe(self, attn: LayerAttention) -> None: ...
 
+    # optional: skip(layer, reason) hears of a wanted call attnscope does not measure
+    # (a non-causal cross-attention), computed exactly but not observed
+
 
 _OBSERVERS: list[Observer] = []
 # Kernel choice for the whole process ("auto" = kernels.choose decides; or a kernel's name), and
@@ -217,10 +220,13 @@ def layer_window(module, window: int | None = None) -> int | None:
         window = getattr(module, "_attnscope_window", None)
     if window is None:
         config = getattr(module, "config", None)
-        types = getattr(config, "layer_types", None)
         idx = getattr(module, "layer_idx", None)
-        if types and idx is not None and idx < len(types) and types[idx] == "sliding_attention":
-            window = getattr(config, "sliding_window", None)
+        try:  # a ragged config raises on a global read of a per-layer attribute
+            types = getattr(config, "layer_types", None)
+            if types and idx is not None and idx < len(types) and types[idx] == "sliding_attention":
+                window = getattr(config, "sliding_window", None)
+        except Exception:  # noqa: BLE001 - then only the kernel's own argument says
+            pass
     return int(window) if window else None
 
 
@@ -229,7 +235,7 @@ def layer_window(module, window: int | None = None) -> int | None:
 HARMLESS_KWARGS = frozenset({
     "position_ids", "cache_position", "output_attentions", "output_hidden_states",
     "output_router_logits", "use_cache", "return_dict", "num_items_in_batch", "deterministic",
-    "past_key_values", "past_key_value", "layer_idx", "target_dtype",
+    "past_key_values", "past_key_value", "layer_idx", "target_dtype", "logits_to_keep",
 })
 # Keyword arguments attnscope applies exactly (see `read_kwargs`).
 UNDERSTOOD_KWARGS = frozenset({
@@ -346,6 +352,14 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     """The registered attention function (signature fixed by transformers' AttentionInterface)."""
     terms = read_kwargs(module, query, key, dropout, kwargs)
     layer, decoder_layer, call = _call_label(module)
+    if not getattr(module, "is_causal", True) and kwargs.get("is_causal") is not True:
+        # a non-causal module (cross-attention, as BLT's patch <-> byte layers): computed exactly
+        # as transformers' sdpa does, from the module's own mask; statistics are for causal
+        # self-attention, so observers are told it was skipped instead of measuring it
+        for o in _OBSERVERS:
+            if o.wants(layer) and hasattr(o, "skip"):
+                o.skip(layer, f"non-causal attention ({type(module).__name__})")
+        return _sdpa(module, query, key, value, attention_mask, scaling, kwargs)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     window = layer_window(module, terms.window)
     edit = getattr(module, "_attnscope_edit", None)
@@ -355,6 +369,11 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
     observers = [o for o in _OBSERVERS if o.wants(layer)]
     need_lse = any(o.needs_lse for o in observers)
     T, S = query.shape[2], key.shape[2]
+    if _Calls.tokens == T and S != T:
+        # no cache, so the keys should be the input's tokens: extra keys (compressed summaries,
+        # memory slots) have no token position for the causal rule and the metrics
+        raise _refuse(module, f"{S} keys for {T} tokens in a forward without a cache (keys "
+                              "that are not tokens of the input)")
     q_offset = S - T
     key_start = _key_start(kwargs.get("position_ids"), window, q_offset, S)
     if window is not None and window >= S:
@@ -368,17 +387,19 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
                             softcap=softcap, forced=_SETTINGS["kernel"],
                             selected=terms.indices is not None)
     if kernel == "sdpa":
-        # Exactly what the model would have run with sdpa.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
-                                      scaling=scale, **{k: v for k, v in kwargs.items()
-                                                        if k in ("is_causal",)})
+        return _sdpa(module, query, key, value, attention_mask, scale, kwargs)
     vis = Visibility(q_offset, mask, window, edit, row_starts(mask, query.shape[0], query.device),
                      key_start, terms.indices)
     out, lse, kernel = kernels.run(kernel, query, key, value, scale, vis, None, softcap, need_lse,
                                    bias=bias, sinks=terms.sinks)
-    if observers:
+    if observers and _Calls.tokens not in (None, T):
+        # causal self-attention over another sequence than the input's tokens (BLT's global
+        # transformer over byte patches): computed exactly, but positions are not tokens
+        for o in observers:
+            if hasattr(o, "skip"):
+                o.skip(layer, f"attention over {T} positions that are not the input's "
+                              f"{_Calls.tokens} tokens ({type(module).__name__})")
+    elif observers:
         attn = LayerAttention(layer, query, key, scale, q_offset, lse, mask, window, edit,
                               softcap, vis.row_starts, kernel, key_start, bias=bias,
                               sinks=terms.sinks, indices=terms.indices,
@@ -386,6 +407,15 @@ def attnscope_attention(module, query, key, value, attention_mask, scaling=None,
         for obs in observers:
             obs.observe(attn)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa(module, query, key, value, attention_mask, scaling, kwargs):
+    """Exactly what the model would have run with attn_implementation="sdpa"."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                                  scaling=scaling, **{k: v for k, v in kwargs.items()
+                                                      if k in ("is_causal",)})
 
 
 def _key_start(position_ids, window, q_offset: int, n_keys: int) -> int:
@@ -404,6 +434,7 @@ class _Calls:
     position: int | None = None
     n_positions: int = 0
     counts: dict[int, int] = {}
+    tokens: int | None = None  # input length of a forward without a cache (keys must be tokens)
 
 
 def _call_label(module) -> tuple[int, int | None, int]:
@@ -433,8 +464,13 @@ def labelled_calls(model) -> Iterator[None]:
         yield
         return
 
-    def reset(*_):
+    def reset(_module, args, kwargs):
         _Calls.counts = {}
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cached = kwargs.get("past_key_values") is not None
+        _Calls.tokens = None if cached or not torch.is_tensor(ids) or ids.dim() < 2 else ids.shape[1]
 
     def enter(i):
         def hook(*_):
@@ -444,7 +480,9 @@ def labelled_calls(model) -> Iterator[None]:
     def leave(*_):
         _Calls.position = None
 
-    handles = [model.register_forward_pre_hook(reset)]
+    # a forward starts at the model or at its base model (analyze skips the LM head)
+    entries = {id(m): m for m in (model, getattr(model, "base_model", model))}.values()
+    handles = [m.register_forward_pre_hook(reset, with_kwargs=True) for m in entries]
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(enter(i)))
         handles.append(layer.register_forward_hook(leave))
@@ -454,7 +492,7 @@ def labelled_calls(model) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-        _Calls.n_positions, _Calls.position, _Calls.counts = 0, None, {}
+        _Calls.n_positions, _Calls.position, _Calls.counts, _Calls.tokens = 0, None, {}, None
 
 
 def _layer_index(module) -> int:
@@ -528,6 +566,9 @@ def windows_disabled(model) -> Iterator[None]:
 @contextlib.contextmanager
 def using_attnscope(model) -> Iterator[None]:
     """Route the model's attention through attnscope for the duration; restore afterwards."""
+    from attnscope.models.introspect import check_supported
+
+    check_supported(model)  # a family whose attention attnscope cannot see: refused, not run
     register()
     index_layers(model)  # remote-code attention modules may lack layer_idx
     config = model.config

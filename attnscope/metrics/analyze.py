@@ -13,6 +13,7 @@ import xarray as xr
 from attnscope.capture.interface import kernel_settings, layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection, query_bins as _query_bins
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
+from attnscope.models.introspect import config_value, decoder_layers
 from attnscope.metrics.reductions import (
     ALL_METRICS,
     DEFAULT_METRICS,
@@ -72,8 +73,22 @@ def text_config(hf_model):
     return getattr(config, "get_text_config", lambda: config)() or config
 
 
+def model_depth(hf_model) -> int:
+    """Decoder layers: the text config's count, else the decoder layers found in the model
+    (BLT's config has per-part counts only)."""
+    n = config_value(text_config(hf_model), "num_hidden_layers")
+    if n is None:
+        n = len(decoder_layers(hf_model) or ())
+    return int(n)
+
+
+def model_heads(hf_model) -> int:
+    """The most query heads any attention layer has (0 where the config does not say)."""
+    return int(config_value(text_config(hf_model), "num_attention_heads") or 0)
+
+
 def _layer_types(config) -> list[str] | None:
-    types = getattr(config, "layer_types", None)
+    types = config_value(config, "layer_types")
     return list(types) if types else None
 
 
@@ -129,7 +144,7 @@ def analyze(
     seqs = _tokenize(tokenizer, text, token_ids, max_tokens)
     check_sink_tokens(sink_tokens, min(len(s) for s in seqs))
     config = text_config(hf_model)
-    max_pos = getattr(config, "max_position_embeddings", None)
+    max_pos = config_value(config, "max_position_embeddings")
     longest = max(len(s) for s in seqs)
     if max_pos and longest > max_pos:
         raise InputTooLongError(
@@ -149,9 +164,9 @@ def analyze(
             plan.n_groups = int(query_bins)
         plans.append(plan)
 
-    n_layers = int(config.num_hidden_layers)
+    n_layers = model_depth(hf_model)
     if "pattern" in metrics:
-        heads = int(config.num_attention_heads)
+        heads = max(model_heads(hf_model), 1)
         size = sum(4 * heads * n_layers * len(s) ** 2 for s in seqs)
         if size > pattern_limit_bytes:
             raise MemoryGuardError(
@@ -216,7 +231,7 @@ def _layer_value(recorder, layer, b: int, name: str) -> np.ndarray:
 def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_model, sink_tokens,
                 bins, n_layers) -> xr.Dataset:
     config = text_config(hf_model)
-    layer_ids = sorted(recorder.results)
+    layer_ids = list(recorder.results)  # in call order: decoder order, a layer's calls in turn
     single = len(seqs) == 1
     data_vars = {}
     for m in metrics:
@@ -267,6 +282,8 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     skipped = [i for i in range(n_layers) if i not in recorder.results]
     if recorder.layers is not None:
         skipped = [i for i in skipped if i in recorder.layers]
+    reasons = {i: (types[i] if types and i < len(types) else "no attention call") for i in skipped}
+    reasons.update({i: why for i, why in recorder.skipped.items() if i not in recorder.results})
     windows = {}
     for mod in hf_model.modules():
         idx = getattr(mod, "layer_idx", None)
@@ -289,8 +306,7 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
         "sink_tokens": sink_tokens,
         "spans": json.dumps({k: list(v) for k, v in spans.items()}),
         "attention_layers": json.dumps(layer_ids),
-        "skipped_layers": json.dumps(
-            {str(i): (types[i] if types and i < len(types) else "no attention call") for i in skipped}),
+        "skipped_layers": json.dumps({str(i): why for i, why in sorted(reasons.items())}),
         "windows": json.dumps({str(k): v for k, v in windows.items()}),
         "windows_assumed": bool(getattr(hf_model, "_attnscope_windows_assumed", False)),
         # repairs and assumptions attnscope.load() made (flat rope theta, assumed window layout)

@@ -113,11 +113,15 @@ class StatsRecorder:
         self.kernels: dict[int, str] = {}  # layer -> the kernel that computed its output
         self.n_heads: dict[int, int] = {}  # layer -> its query heads
         self.calls: dict[int, tuple] = {}  # layer label -> (decoder layer, call): capture's labels
+        self.skipped: dict[int, str] = {}  # layer label -> why capture did not measure it
         self.row_passes: dict[int, str] = {}  # layer -> "features" | "chunked"
         self._rows_cache: dict = {}
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
+
+    def skip(self, layer: int, reason: str) -> None:
+        self.skipped[layer] = reason
 
     def observe(self, attn: LayerAttention) -> None:
         if attn.sinks is not None and self.learned_sinks_auto and "learned_sink_mass" not in self.metrics:

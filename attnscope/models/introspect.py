@@ -66,7 +66,7 @@ def _decoder_layers(model) -> tuple[str, list]:
     import torch.nn as nn
 
     cfg = _config(model)
-    n = getattr(cfg, "num_hidden_layers", None)
+    n = config_value(cfg, "num_hidden_layers")
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "h", "blocks", "layer"):
@@ -115,9 +115,18 @@ def _qk_kind(attn, n_heads, head_dim) -> str:
     return "unknown"
 
 
+def config_value(cfg, name: str, default=None):
+    """A config attribute, or `default` where it is absent or per-layer (transformers' ragged
+    configs, dots3, raise on a global read of an attribute that varies by layer)."""
+    try:
+        return getattr(cfg, name, default)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
+        return default
+
+
 def _heads(attn, cfg) -> tuple[int | None, int | None, int | None]:
-    head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
-    if head_dim is None and getattr(cfg, "num_attention_heads", None):
+    head_dim = getattr(attn, "head_dim", None) or config_value(cfg, "head_dim")
+    if head_dim is None and config_value(cfg, "num_attention_heads") and config_value(cfg, "hidden_size"):
         head_dim = cfg.hidden_size // cfg.num_attention_heads
     n_heads = n_kv = None
     q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
@@ -125,10 +134,10 @@ def _heads(attn, cfg) -> tuple[int | None, int | None, int | None]:
         n_heads = q.out_features // head_dim
     if head_dim and k is not None and hasattr(k, "out_features"):
         n_kv = k.out_features // head_dim
-    n_heads = n_heads or getattr(attn, "num_heads", None) or getattr(cfg, "num_attention_heads", None)
+    n_heads = n_heads or getattr(attn, "num_heads", None) or config_value(cfg, "num_attention_heads")
     if n_kv is None:
         groups = getattr(attn, "num_key_value_groups", None)
-        n_kv = (n_heads // groups) if (groups and n_heads) else getattr(cfg, "num_key_value_heads", n_heads)
+        n_kv = (n_heads // groups) if (groups and n_heads) else config_value(cfg, "num_key_value_heads", n_heads)
     return n_heads, n_kv, head_dim
 
 
@@ -136,9 +145,9 @@ def attention_layout(model) -> list[LayerInfo]:
     """Describe every decoder layer of a loaded model: kind, declared window, QK norm, heads."""
     cfg = _config(model)
     prefix, layers = _decoder_layers(model)
-    layer_types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:  # qwen2/3 carry a window they do not use
+    layer_types = config_value(cfg, "layer_types")
+    window = config_value(cfg, "sliding_window")
+    if config_value(cfg, "use_sliding_window", True) is False:  # qwen2/3 carry a window they do not use
         window = None
     # Which layers of a config with a window but no layer_types slide is known only for OlmPool's
     # own classes (3 local : 1 global); any other family applies its window through its mask
@@ -210,6 +219,11 @@ def attention_route_problem(model) -> str | None:
     at all (mamba, rwkv, xlstm) or attention computed by the model itself (bloom, codegen, xglm,
     mpt, openai-gpt...).
     """
+    types = config_value(_config(model), "layer_types") or ()
+    compressed = sorted({t for t in types if "compress" in str(t)})
+    if compressed:  # DeepSeek-V4: summary slots appended to the keys, which are not tokens
+        return (f"its {', '.join(compressed)} layers attend to compressed KV entries that are not "
+                "tokens of the input")
     for name in sorted({type(m).__module__ for m in model.modules()}):
         table = _attention_class_table(name)
         if table:

@@ -303,7 +303,7 @@ def load(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from attnscope.capture.interface import ATTN_IMPLEMENTATION, register
+    from attnscope.capture.interface import ATTN_IMPLEMENTATION, index_layers, register
     from attnscope.models.introspect import check_supported, effective_rope_theta
 
     check_device(device)
@@ -358,17 +358,26 @@ def load(
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code, **hub_kwargs(source, path, revision))
-    except (OSError, ValueError, TypeError):
-        if source != "local":
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        if source != "local" or _has_tokenizer_files(Path(path)):
+            if isinstance(exc, ImportError):  # e.g. a tokenizer class that needs sacremoses
+                raise AttnscopeError(f"{display}: its tokenizer cannot load: {exc}".splitlines()[0]) from exc
             raise
         tokenizer = None  # a bare local checkpoint: analyse it with token_ids=
     check_supported(hf_model, display)  # for classes the meta build could not check
+    index_layers(hf_model)  # attention modules without layer_idx (zamba's, remote code) get one
     hf_model.eval()
     dev = torch.device(device)
     hf_model.to(dev)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(hf_model, tokenizer, display, revision, source, path, torch_dtype, dev, info)
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).exists() for f in (
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+        "spiece.model"))
 
 
 def load_tokenizer(model: str, revision: str | None = None, *, trust_remote_code: bool = False):
