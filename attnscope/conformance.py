@@ -294,14 +294,14 @@ def _label(x):
     return x.item() if hasattr(x, "item") else x
 
 
-def _analyze(model, ids: torch.Tensor, kernel: str = "auto"):
+def _analyze(model, ids: torch.Tensor, kernel: str = "auto", row_pass: str = "auto"):
     import attnscope
     from attnscope.metrics.reductions import ALL_METRICS
 
     metrics = METRICS + (("learned_sink_mass",) if "learned_sink_mass" in ALL_METRICS else ())
     return attnscope.analyze(model, token_ids=ids[0].tolist(), metrics=metrics, spans=SPANS,
                              min_query_position=MIN_QUERY, sink_tokens=SINK_TOKENS, progress=False,
-                             kernel=kernel)
+                             kernel=kernel, row_pass=row_pass)
 
 
 def _plain_logits(model, ids):
@@ -335,7 +335,7 @@ def _eager(model):
 
 
 def check_model(hf_model, input_ids, *, name: str | None = None, through_load: bool = True,
-                kernel: str = "auto") -> ConformanceResult:
+                kernel: str = "auto", row_pass: str = "auto") -> ConformanceResult:
     """Compare attnscope with eager attention on `hf_model` (a transformers causal LM in fp32,
     in memory) for one unpadded row `input_ids` [1, T]; see the module docstring. `kernel`
     forces attnscope's attention kernel on every path ("flex", "reference", ...; "auto" is what
@@ -343,10 +343,11 @@ def check_model(hf_model, input_ids, *, name: str | None = None, through_load: b
     from attnscope.capture.interface import kernel_settings
 
     with kernel_settings(kernel):
-        return _check_model(hf_model, input_ids, name=name, through_load=through_load, kernel=kernel)
+        return _check_model(hf_model, input_ids, name=name, through_load=through_load, kernel=kernel,
+                            row_pass=row_pass)
 
 
-def _check_model(hf_model, input_ids, *, name, through_load, kernel) -> ConformanceResult:
+def _check_model(hf_model, input_ids, *, name, through_load, kernel, row_pass="auto") -> ConformanceResult:
     start = time.perf_counter()
     name = name or getattr(hf_model.config, "model_type", type(hf_model).__name__)
     ids = torch.as_tensor(input_ids).reshape(1, -1)
@@ -356,7 +357,7 @@ def _check_model(hf_model, input_ids, *, name, through_load, kernel) -> Conforma
     paths: list[PathResult] = []
 
     with _eager(hf_model):
-        fail, ds = _run("analyze", hf_model, lambda: _analyze(hf_model, ids, kernel))
+        fail, ds = _run("analyze", hf_model, lambda: _analyze(hf_model, ids, kernel, row_pass))
         paths.append(fail or _stats_path("analyze", ds, maps, T))
     with _eager(hf_model):
         fail, got = _run("logits", hf_model, lambda: _plain_logits(hf_model, ids))
@@ -365,7 +366,7 @@ def _check_model(hf_model, input_ids, *, name, through_load, kernel) -> Conforma
         fail, got = _run("logits_capture", hf_model, lambda: _captured_logits(hf_model, ids))
         paths.append(fail or _logits_path("logits_capture", got, logits_ref))
     if through_load:
-        paths.extend(_load_paths(hf_model, ids, logits_ref, notes, kernel))
+        paths.extend(_load_paths(hf_model, ids, logits_ref, notes, kernel, row_pass))
     result = _overall(name, paths)
     result.n_eager_maps = len(maps)
     positions = next((n.split(": ", 1)[1] for n in notes if n.startswith("decoder layers of the")), None)
@@ -378,7 +379,7 @@ def _check_model(hf_model, input_ids, *, name, through_load, kernel) -> Conforma
     return result
 
 
-def _load_paths(hf_model, ids, logits_ref, notes, kernel) -> list[PathResult]:
+def _load_paths(hf_model, ids, logits_ref, notes, kernel, row_pass="auto") -> list[PathResult]:
     """The paths through attnscope.load of the model saved with save_pretrained."""
     import attnscope
     from transformers import AutoModelForCausalLM
@@ -405,7 +406,7 @@ def _load_paths(hf_model, ids, logits_ref, notes, kernel) -> list[PathResult]:
         paths.append(fail or _logits_path("load_logits", got, ref_logits))
         fail, got = _run("load_logits_capture", model, lambda: _captured_logits(model, ids))
         paths.append(fail or _logits_path("load_logits_capture", got, ref_logits))
-        fail, ds = _run("load_analyze", model, lambda: _analyze(lm, ids, kernel))
+        fail, ds = _run("load_analyze", model, lambda: _analyze(lm, ids, kernel, row_pass))
         paths.append(fail or _stats_path("load_analyze", ds, ref_maps, T))
         return paths
 
@@ -418,7 +419,7 @@ def _loaded_logits(model, ids):
 # --- families -------------------------------------------------------------------------------
 
 def check_family(model_type: str, *, seed: int = 0, through_load: bool = True,
-                 kernel: str = "auto") -> ConformanceResult:
+                 kernel: str = "auto", row_pass: str = "auto") -> ConformanceResult:
     """Build the family's tiny model (attnscope.zoo) and check it; SKIP for a model type that is
     not a text decoder. Exceptions while building propagate (they are the zoo's, not attnscope's)."""
     from attnscope import zoo
@@ -429,7 +430,7 @@ def check_family(model_type: str, *, seed: int = 0, through_load: bool = True,
     except zoo.FamilySkip as skip:
         return ConformanceResult(model_type, SKIP, reason=skip.reason, seconds=time.perf_counter() - start)
     result = check_model(tiny.model, tiny.input_ids, name=model_type, through_load=through_load,
-                         kernel=kernel)
+                         kernel=kernel, row_pass=row_pass)
     result.features = tiny.features
     result.attention_kwargs = tiny.attention_kwargs
     names = {id(m): n for n, m in tiny.model.named_modules()}

@@ -11,6 +11,7 @@ fails until the entry is deleted.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,19 @@ KNOWN_BROKEN: dict[str, str] = {}
 REFUSED_AT_CALL = {
     "minimax_m3_vl_text": "block-sparse selection (block_indices=) arrives only in the attention call",
 }
+
+
+def _documented_statuses() -> dict[str, str]:
+    """family -> status in docs/families.md, if it was generated with this transformers version."""
+    import transformers
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text(encoding="utf-8")
+    if f"transformers {transformers.__version__}," not in page:
+        return {}
+    return dict(re.findall(r"^\| `([^`]+)` \| ([A-Z_]+) \|", page, re.M))
+
+
+DOCUMENTED = _documented_statuses()
 
 
 def _family_params():
@@ -70,6 +84,9 @@ def test_family_is_exact_or_refused(model_type):
         result = C.check_family(model_type)
     except ImportError as exc:  # an optional package the family's model needs (gemma3n: timm)
         pytest.skip(f"{model_type} cannot be built here: {str(exc).strip().splitlines()[-1]}")
+    if DOCUMENTED:  # the page says what the suite measures (regenerate: tools/zoo_survey.py --markdown)
+        assert DOCUMENTED.get(model_type) == result.status, (
+            f"docs/families.md says {model_type} is {DOCUMENTED.get(model_type)}, measured {result.status}")
     if result.status == C.SKIP:
         pytest.skip(result.reason)
     assert result.status in (C.EXACT, C.REFUSED), f"{model_type} {result.status}: {result.reason}"
@@ -81,6 +98,29 @@ def test_family_is_exact_or_refused(model_type):
             assert names_family_or_feature(path.detail, model_type, result.features), (
                 f"{model_type}: the refusal names neither the family nor a feature "
                 f"({', '.join(result.features) or 'none'}): {path.detail}")
+
+
+# One family per feature the GPU engine serves: FlexAttention (uncompiled on CPU) with the
+# feature pass must be as exact as the CPU kernels (sparse selections never go to FlexAttention).
+FLEX_FAMILIES = {
+    "gpt_oss": "learned sinks (per head), sliding window",
+    "inkling2_text": "learned sinks per query, position_bias, ragged heads",
+    "deepseek_v3": "MLA value heads",
+    "deepseek_v32": "sparse top-k selection (reference kernel: FlexAttention is never given one)",
+    "gemma2": "soft-capping",
+    "doge": "per-head float mask",
+    "hrm_text": "modules run several times per forward",
+    "olmo_hybrid": "recurrent layers",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FLEX_FAMILIES))
+def test_family_exact_with_flex_and_the_feature_pass(model_type):
+    result = C.check_family(model_type, through_load=False, kernel="flex", row_pass="features")
+    if model_type == "deepseek_v32":  # forcing flex on a selection is refused, never wrong
+        assert result.status == C.REFUSED and "sparse top-k" in result.reason, result.reason
+        return
+    assert result.status == C.EXACT, f"{model_type} ({FLEX_FAMILIES[model_type]}): {result.reason}"
 
 
 @pytest.mark.parametrize("model_type", zoo.causal_lm_types())
