@@ -369,3 +369,37 @@ def test_padded_rows_get_their_own_rope_positions(tiny, single_thread):
     q_batch = batch_qk.layers[0].query[1, :, 13:]
     q_alone = alone_qk.layers[0].query[0]
     torch.testing.assert_close(q_batch, q_alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,row_pass", [("auto", "chunked"), ("cpu_flash", "chunked"),
+                                             ("reference", "chunked"), ("flex", "features")])
+def test_learned_sinks_every_metric_padded_batch(kernel, row_pass, single_thread):
+    """gpt-oss-style learned sinks (one logit per head) through every kernel and both row passes,
+    on a left-padded batch of 80 and 56 tokens: every metric equals eager's reduction (eager drops
+    the sink's column, so a row sums to 1 - p_sink) and learned_sink_mass is that deficit."""
+    from attnscope import zoo
+    from attnscope.conformance import reference_statistics
+
+    tiny = zoo.tiny_model("gpt_oss")
+    model = tiny.model
+    torch.manual_seed(5)
+    rows = [torch.randint(3, 500, (80,)), torch.randint(3, 500, (56,))]
+    metrics = ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile",
+               "distance_profile", "learned_sink_mass")
+    spans = {"s": (10, 14)}
+    ds = attnscope.analyze(model, token_ids=[r.tolist() for r in rows], metrics=metrics, spans=spans,
+                           kernel=kernel, row_pass=row_pass, progress=False)
+    assert float(ds.learned_sink_mass.min()) > 1e-3  # every head gives its sink a share
+    for b, ids in enumerate(rows):
+        maps = eager_maps(model, ids[None])
+        queries = np.arange(16, len(ids))
+        for layer in ds.layer.values:
+            P = maps[int(layer)][0]
+            assert float((1 - P.sum(-1)).mean()) > 1e-3  # eager drops the sink: rows short of 1
+            want = reference_metrics(P, queries, spans=spans, max_length=80)
+            want.update({k: v for k, v in reference_statistics(P, queries).items()
+                         if k in ("entropy", "learned_sink_mass")})
+            for name in metrics + ("span_mass",):
+                got = ds[name].sel(layer=layer).isel(sequence=b).values
+                tol = ATOL * max(1.0, float(np.abs(want[name]).max())) if name == "mean_distance" else ATOL
+                assert np.abs(got - want[name]).max() <= tol, (name, int(layer), b)

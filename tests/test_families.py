@@ -207,3 +207,16 @@ def test_zoo_is_deterministic_and_non_uniform():
     assert 1.0 <= a.score_std <= 3.0  # scores spread: attention far from uniform
     assert zoo.LEARNED_SINKS in a.features and zoo.SLIDING_WINDOW in a.features
     assert a.input_ids.shape == (1, zoo.N_TOKENS) and int(a.input_ids.max()) < a.config.vocab_size
+
+
+def test_readme_claim_is_what_the_families_page_measured():
+    """The README's counts are docs/families.md's (which the suite above keeps true)."""
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "families.md").read_text(encoding="utf-8")
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    counts = {s: int(n) for n, s in re.findall(r"(\d+) (EXACT|REFUSED|SKIP)\b", page)}
+    total = int(re.search(r"(\d+) families,", page).group(1))
+    assert f"each of the {total} causal-LM families" in readme
+    assert f"{counts['EXACT']} families are exact" in readme
+    assert f"{counts['REFUSED']} are refused" in readme
+    assert f"{counts['SKIP']} are not text decoders" in readme

@@ -146,6 +146,10 @@ def bridge_source(bridge, tokenizer=None, hooks: str = "auto") -> ModelSource:
 
         def attention(layer, query, key):
             hf_attn = _hf_attention(bridge.blocks[layer].attn)
+            if isinstance(getattr(hf_attn, "sinks", None), torch.Tensor):
+                # the hooks give q and k only: a learned sink's share would be silently dropped
+                raise BackendError("backend 'transformer_lens' cannot see learned attention sinks "
+                                   "(this model's `sinks`); use backend='native'")
             scale = float(getattr(hf_attn, "scaling", query.shape[-1] ** -0.5))
             softcap = getattr(hf_attn, "attn_logit_softcapping", None)
             mask = key_padding_mask(attention_mask, query.shape[2])
