@@ -35,10 +35,10 @@ QUERY_CHUNK = 64  # query rows scanned together (each chunk scans only the keys 
 
 
 # ------------------------------------------------------------------ checks (no model needed)
-def check_topk(k) -> int:
-    """k must be an integer >= 1."""
+def check_topk(k, name: str = "k") -> int:
+    """k (keys per query, layer and head) must be an integer >= 1."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise AttnscopeError(f"top-k must be an integer >= 1, got {k!r}")
+        raise AttnscopeError(f"{name} (top-k keys) must be an integer >= 1, got {k!r}")
     return int(k)
 
 
@@ -70,24 +70,29 @@ def check_layer_head(layers: Sequence[int] | None, heads: Sequence[int] | None, 
                                      f"the model has {n} {what}s (0-{n - 1})")
 
 
-def parse_positions(text: str, option: str = "--queries") -> list[int]:
-    """'5,100,200' or '100-103,500' -> positions (ranges inclusive)."""
+def parse_positions(text: str, option: str = "--queries", n_tokens: int | None = None) -> list[int]:
+    """'5,100,200', '100-103,500' (ranges inclusive) or, given n_tokens, 'last' (n_tokens - 1)
+    -> positions. Only the syntax is checked here (check_positions checks the range)."""
     out: list[int] = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, None)
-                a, b = int(a), int(b)
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-    except (ValueError, TypeError):
-        raise AttnscopeError(f"bad {option} {text!r}: use positions like 100,200 or ranges like 0-3") from None
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "last":
+            if n_tokens is None:
+                raise AttnscopeError(f"bad {option} {text!r}: 'last' needs the input's length")
+            out.append(n_tokens - 1)
+            continue
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise AttnscopeError(f"bad {option} {text!r}: use positions like 100,200, ranges like 0-3"
+                                 + (" or last" if n_tokens is not None else "")) from None
+        if b < a:
+            raise AttnscopeError(f"bad {option} {text!r}: the range {part} runs backwards")
+        out.extend(range(a, b + 1))
     if not out:
         raise AttnscopeError(f"{option} is empty: give token positions like 100,200")
     return out
