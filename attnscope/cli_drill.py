@@ -150,6 +150,9 @@ def decompose_cmd(
     _quiet_transformers()
     _quiet(quiet)
     try:  # every input is checked before the model loads (docs/refusals.md)
+        from attnscope.extras import require
+
+        require("attnscope decompose (the figure)", "plot")
         if rope not in ROPE_MODES:
             raise AttnscopeError(f"--rope must be one of {', '.join(ROPE_MODES)}, not {rope!r}")
         if not 0 < share <= 1:

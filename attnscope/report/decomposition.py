@@ -42,8 +42,10 @@ def _n(n: int, word: str) -> str:
 def decomposition_figure(dec: ScoreDecomposition, *, source: str = ""):
     """A matplotlib Figure with three panels: per dimension, per rotary pair (by wavelength),
     and the contrast with the mean visible key per pair (per dimension without a rope layout)."""
+    from attnscope.extras import require
     from attnscope.report.figures import style
 
+    require("the score-decomposition figure", "plot")
     with style() as plt:
         fig, axes = plt.subplots(3, 1, figsize=(9.5, 8.6))
         d = len(dec.per_dim)
