@@ -210,6 +210,22 @@ def test_rope_layout_is_read_from_the_layer(smollm2):
     assert layout.max_residual < 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "olmo2", "olmo3", "olmo_hybrid"])
+def test_rope_layout_of_each_tiny_family(tiny, family, single_thread):
+    """Every family's attention layers (olmo_hybrid: its one attention layer, 3) rotate the
+    Llama way, fastest pair first at 1 radian per token."""
+    lm = tiny(family)
+    for layer in ([3] if family == "olmo_hybrid" else [0, 3]):
+        lay = rope_layout(lm.model, layer)
+        d = lay.head_dim
+        assert lay.kind == "half" and len(lay.unrotated) == 0
+        assert (lay.pairs == np.stack([np.arange(d // 2), np.arange(d // 2) + d // 2], 1)).all()
+        assert abs(lay.omega[0] - 1) < 1e-6 and (np.diff(lay.omega) < 0).all()
+    if family == "olmo_hybrid":
+        with pytest.raises(AttnscopeError, match="no attention module|no softmax"):
+            rope_layout(lm.model, 0)  # a linear-attention layer
+
+
 @pytest.fixture
 def llama_rope(tiny, monkeypatch, single_thread):
     """The tiny llama and a way to swap the rotary function its attention calls."""

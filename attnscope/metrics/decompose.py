@@ -18,7 +18,7 @@ The rotary layout is read from the layer itself, not assumed (`rope_layout`): th
 attention module is run on one fixed input at positions 0, 1, 8, 64, ...; the post-RoPE queries
 at position t are a linear map of those at position 0, Q_t = Q_0 M_t, solved by least squares.
 M_t's non-zero pattern gives the pairs (Llama's `rotate_half` pairs d with d + D/2, GPT-J's
-interleaved layout pairs 2m with 2m + 1; partial rotary and MLA leave some dimensions fixed),
+interleaved layout pairs 2m with 2m + 1; partial rotary leaves some dimensions fixed),
 its 2 x 2 blocks give each pair's angle and so its frequency. When M_t is not a set of 2-D
 rotations and fixed dimensions, or does not reproduce the keys too, the layout is unknown and
 the pair view is refused (`rope="none"` still gives the per-dimension sum).
