@@ -407,40 +407,24 @@ def test_drill_page_in_headless_chromium(smollm2, verse_ids, tmp_path):
 def test_drill_page_size_grows_with_t_not_t_squared(smollm2):
     """The page holds token strings (O(T)) and the chosen queries' top-k: measured on SmolLM2's
     tokens of real prose with SmolLM2's shape (30 layers x 9 heads), 8 queries, k = 10."""
-    import xarray as xr
+    import importlib.util
 
+    from attnscope.metrics.drilldown import token_strings
     from attnscope.probing.texts import prose
 
-    ids = smollm2.tokenizer(prose())["input_ids"]
+    spec = importlib.util.spec_from_file_location(
+        "drill_page_size", Path(__file__).resolve().parents[1] / "benchmarks" / "drill_page_size.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # the measurement docs/drilldown.md shows
+    strings = token_strings(smollm2.tokenizer, (smollm2.tokenizer(prose())["input_ids"] * 2)[:65536])
     sizes = {}
     for T in (4096, 16384, 65536):
-        ds = _synthetic_topk(smollm2.tokenizer, (ids * 2)[:T], layers=30, heads=9, queries=8, k=10)
+        ds = bench.page_dataset(strings[:T], layers=30, heads=9, queries=8, k=10)
         sizes[T] = len(render_drilldown(ds).encode("utf-8"))
     per_token = (sizes[65536] - sizes[16384]) / (65536 - 16384)
     assert per_token < 16  # bytes per token: the strings, not a row of T numbers
     assert abs((sizes[16384] - sizes[4096]) / (16384 - 4096) - per_token) < 2  # linear in T
     assert sizes[65536] < 3e6
-    del xr
-
-
-def _synthetic_topk(tokenizer, ids, *, layers, heads, queries, k):
-    """A topk_keys-shaped Dataset with made-up keys (only the page's size is measured)."""
-    import xarray as xr
-
-    from attnscope.metrics.drilldown import token_strings
-
-    rng = np.random.default_rng(0)
-    T = len(ids)
-    qpos = np.linspace(T // 2, T - 1, queries).astype(int)
-    keys = rng.integers(0, T // 2, size=(layers, heads, queries, k))
-    prob = rng.dirichlet(np.ones(k + 1), size=(layers, heads, queries))[..., :k].astype(np.float32)
-    dims = ("layer", "head", "query", "rank")
-    return xr.Dataset({"key": (dims, keys), "prob": (dims, prob), "log_prob": (dims, np.log(prob)),
-                       "row_mass": (dims[:3], np.ones((layers, heads, queries))),
-                       "token": (("position",), np.asarray(token_strings(tokenizer, ids), dtype=object))},
-                      coords={"layer": np.arange(layers), "head": np.arange(heads), "query": qpos,
-                              "rank": np.arange(k), "position": np.arange(T)},
-                      attrs={"model": "smollm2", "n_tokens": T})
 
 
 # ------------------------------------------------------------------------------- the CLI
