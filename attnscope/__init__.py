@@ -10,6 +10,8 @@ The public API is small:
     open_store(path)                       -> Store (.tasks(), .get(), .select(), .summary())
     run_probe(lm, "niah_single", lengths=[...]) -> xarray.Dataset (needle share, retrieval heads; shipped
                                            probe specs by name, `attnscope probes`, or a TOML path)
+    topk_keys(lm, text, queries=[...], k=10) -> xarray.Dataset (exact top-k keys per layer, head, query)
+    decompose_score(lm, text, layer=, head=, query=, key=) -> ScoreDecomposition (q.k over dims, RoPE pairs)
 """
 
 __version__ = "0.1.0"
@@ -24,8 +26,10 @@ from attnscope.store.store import open_store  # noqa: E402
 from attnscope.batch.extract import extract  # noqa: E402
 from attnscope.probing.needle import run_probe  # noqa: E402
 from attnscope.store.hdf5 import read_result, save_result  # noqa: E402
+from attnscope.metrics.drilldown import topk_keys  # noqa: E402
+from attnscope.metrics.decompose import decompose_score  # noqa: E402
 from attnscope.report import accessor as _accessor  # noqa: E402,F401  (registers ds.attnscope)
 
 __all__ = ["load", "LoadedModel", "analyze", "sink_rate", "QuerySelection", "AttentionEdit", "set_edit",
            "capture", "doctor", "DoctorReport", "extract", "open_store", "run_probe",
-           "save_result", "read_result", "__version__"]
+           "save_result", "read_result", "topk_keys", "decompose_score", "__version__"]

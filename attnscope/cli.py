@@ -895,6 +895,9 @@ def store_upgrade(src: Path = typer.Argument(..., help="the store to read (any s
     _out.print(f"wrote {dst}: {n} entries, each read back from {src} and written with checksums", highlight=False)
 
 
+from attnscope import cli_drill  # noqa: E402,F401  (registers `drill` and `decompose`)
+
+
 def main() -> None:
     """The `attnscope` entry point: usage errors (a bad option value, a missing option) are one
     line on stderr with exit 2, like every other refusal."""
