@@ -124,6 +124,25 @@ def test_topk_keys_sliding_window_tiny_olmo3(tiny, single_thread):
                 assert (n == min(q + 1, 12)).all()
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "inkling2_text", "deepseek_v32"])
+def test_topk_keys_on_families_with_sinks_biases_and_selections(family, single_thread):
+    """Learned sinks (row mass < 1), a position bias with per-query sinks, a sparse top-k
+    selection: the top keys and probabilities are eager's (eager's maps drop the sink)."""
+    from attnscope import zoo
+
+    tiny = zoo.tiny_model(family)
+    ids = tiny.input_ids[0].tolist()
+    queries = [3, 17, len(ids) - 1]
+    ds = topk_keys(tiny.model, token_ids=ids, queries=queries, k=6, key_block=7)
+    maps = eager_maps(tiny.model, tiny.input_ids)
+    assert_topk_matches(ds, maps, 6)
+    for li, layer in enumerate(ds["layer"].values):
+        want = maps[int(layer)][0][:, queries].sum(-1)  # [H, Q]: eager's real-key mass
+        np.testing.assert_allclose(ds["row_mass"].values[li], want, atol=TOL)
+    if family != "deepseek_v32":
+        assert float(ds["row_mass"].min()) < 0.999  # the learned sink took its share
+
+
 def test_topk_ties_are_ordered_by_position(tmp_path, single_thread):
     """With a zero query projection every score is 0: all visible keys tie exactly. The top-k is
     then the earliest k keys, each with probability 1/(i+1), whatever the block size."""

@@ -379,6 +379,7 @@ class _ScoreCapture:
             "mean_key": keys[vis_all].mean(0).cpu().numpy(),
             "kv_head": kvh,
             "kernel": attn.kernel,
+            "has_bias": attn.bias is not None,
         }
         raise _Stop
 
@@ -392,7 +393,7 @@ def decompose_score(model, text: str | None = None, *, layer: int, head: int, qu
     rope: "auto" reads the layer's rotary layout from its own forward and refuses (an error)
     where it cannot; "none" skips the pair view (per-dimension terms only).
     """
-    from attnscope.metrics.analyze import _resolve, _tokenize
+    from attnscope.metrics.analyze import _resolve, _tokenize, model_depth, model_heads
     from attnscope.metrics.drilldown import check_layer_head, check_positions, token_strings
 
     if rope not in ROPE_MODES:
@@ -405,8 +406,7 @@ def decompose_score(model, text: str | None = None, *, layer: int, head: int, qu
     if len(seqs) != 1:
         raise AttnscopeError("decompose_score takes one text (or one sequence of token ids)")
     ids = seqs[0]
-    config = hf_model.config
-    check_layer_head([layer], [head], int(config.num_hidden_layers), int(config.num_attention_heads))
+    check_layer_head([layer], [head], model_depth(hf_model), model_heads(hf_model))
     check_positions([query], len(ids), "query")
     check_positions([key], len(ids), "key")
     if key > query:
@@ -424,6 +424,9 @@ def decompose_score(model, text: str | None = None, *, layer: int, head: int, qu
         raise AttnscopeError(f"layer {layer} made no attention call through attnscope (a linear-attention "
                              "layer of a hybrid model has no softmax scores)")
     g = cap.got
+    if g["has_bias"]:
+        raise AttnscopeError(f"layer {layer} adds a score term to q.k (a position bias or a float mask): "
+                             "its score is not a sum over head dimensions, so it is not decomposed")
     layout, note = None, "pairs not computed (rope='none')"
     if rope == "auto":
         layout = rope_layout(hf_model, layer)

@@ -219,10 +219,12 @@ def topk_keys(model, text: str | None = None, *, queries: Sequence[int] | str, k
     if isinstance(queries, str):
         queries = parse_positions(queries, "queries")
     qpos = check_positions(queries, len(ids))
-    config = hf_model.config
-    n_layers = int(config.num_hidden_layers)
+    from attnscope.metrics.analyze import model_depth, text_config
+    from attnscope.models.introspect import config_value
+
+    n_layers = model_depth(hf_model)
     check_layer_head(layers, None, n_layers, None)
-    max_pos = getattr(config, "max_position_embeddings", None)
+    max_pos = config_value(text_config(hf_model), "max_position_embeddings")
     if max_pos and len(ids) > max_pos:
         from attnscope.errors import InputTooLongError
 
