@@ -109,12 +109,15 @@ def check_store_path(path: str | os.PathLike, option: str = "--out") -> Path:
     non-store refused, by StoreWriter)."""
     shown = Path(path).expanduser()
     real = shown.resolve()
-    _check_name_lengths(shown, real, option, _STORE_EXTRA)
-    if real.is_dir():
-        raise OutputExistsError(f"{option} {shown} is a folder; give a file path such as {shown / 'store.h5'}")
-    if not real.exists():  # an existing store is resumed whatever its name
-        _check_hdf5_name(path, shown, option)
-    _check_parent(shown, real, option)
+    try:
+        _check_name_lengths(shown, real, option, _STORE_EXTRA)
+        if real.is_dir():
+            raise OutputExistsError(f"{option} {shown} is a folder; give a file path such as {shown / 'store.h5'}")
+        if not real.exists():  # an existing store is resumed whatever its name
+            _check_hdf5_name(path, shown, option)
+        _check_parent(shown, real, option)
+    except OutputExistsError as exc:  # a store's path problems are StoreErrors, as StoreWriter's are
+        raise StoreError(str(exc)) from None
     return real
 
 
