@@ -80,16 +80,25 @@ def _free_bytes(folder: Path) -> str:
 
 
 @contextlib.contextmanager
-def no_space_left(path: str | os.PathLike, needed: int) -> Iterator[None]:
+def no_space_left(path: str | os.PathLike, needed: int | None = None) -> Iterator[None]:
     """Turn a full disk (ENOSPC, a quota) inside the block into one NoSpaceError naming the folder
-    of `path` and the bytes the write needed."""
+    of `path` and the bytes the write needed (None: unknown ahead, so more than `path` holds when
+    the disk filled)."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in _FULL:
             raise
-        folder = Path(path).parent
-        raise NoSpaceError(f"no space left on {folder}: {needed} bytes needed ({_free_bytes(folder)}); "
+        path = Path(path)
+        if needed is None:
+            try:
+                written = path.stat().st_size
+            except OSError:
+                written = 0
+            amount = f"more than {written} bytes needed"
+        else:
+            amount = f"{needed} bytes needed"
+        raise NoSpaceError(f"no space left on {path.parent}: {amount} ({_free_bytes(path.parent)}); "
                            "free some space or write elsewhere") from None
 
 
@@ -139,8 +148,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        fsync_file(tmp)
+        with no_space_left(tmp):  # whatever the caller writes: a full disk is one NoSpaceError
+            yield Path(tmp)
+            fsync_file(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:

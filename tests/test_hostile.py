@@ -717,6 +717,13 @@ def test_a_full_disk_is_one_line_on_a_real_filesystem(work, tiny, full_disk):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no space left on" in one_line(r.stderr)
     _assert_nothing_left(full_disk, before, allowed={"s.h5.lock"})  # the lock file stays, as after any run
+    # any other writer (here the report's markdown and CSVs): the same one line
+    r = run_cli(["report", "--registry-only", "--no-html", "--n-resamples", "99", "--out", full_disk / "rep"], work)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"no space left on {full_disk / 'rep'}: more than" in one_line(r.stderr)
+    written = {k for k in snapshot(full_disk) if k.startswith("rep/")}  # whole files that fitted first
+    assert not [k for k in written if ".tmp" in k]
+    _assert_nothing_left(full_disk, before, allowed={"s.h5.lock", *written})
 
 
 def _enospc(calls: list, when=lambda offset: True):
@@ -745,6 +752,16 @@ def test_a_full_disk_is_one_line_simulated(work, tiny, monkeypatch):
     assert res.exit_code == 2 and "no space left on" in one_line(res.stderr)
     _assert_nothing_left(work, before, allowed={"s.h5.lock"})
     assert "Traceback" not in line
+    monkeypatch.undo()
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):  # a text writer on a full disk: part written, then ENOSPC
+        write_text(self, "partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    refused(["report", "--registry-only", "--no-html", "--n-resamples", "99", "--out", work / "rep"], work,
+            f"no space left on {work / 'rep'}", "more than 7 bytes needed")
 
 
 def test_a_full_disk_during_consolidation_leaves_the_store_and_the_tasks(work, tiny, store, monkeypatch):

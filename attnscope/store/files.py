@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from attnscope.errors import OutputExistsError, StoreError
-from attnscope.files import default_file_mode, fsync_dir, fsync_file
+from attnscope.files import default_file_mode, fsync_dir, fsync_file, no_space_left
 
 __all__ = ["default_file_mode", "is_batch_store", "check_output_file", "check_output_dir", "check_store_path",
            "atomic_output", "fsync_dir", "fsync_file", "HDF5_SUFFIXES"]
@@ -178,8 +178,9 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     tmp_path = Path(tmp)
     keep = False
     try:
-        yield tmp_path
-        fsync_file(tmp_path)
+        with no_space_left(tmp_path):  # whatever the caller writes (CSV, PNG, ...): one NoSpaceError
+            yield tmp_path
+            fsync_file(tmp_path)
         os.chmod(tmp_path, default_file_mode())
         if real.exists() and (not overwrite or is_batch_store(real)):
             # taken while we computed: neither file is lost, the new one keeps its temporary name
