@@ -171,6 +171,7 @@ def analyze(
         first = next(prefixes)  # the file's own problems (missing, binary, not UTF-8) come first
         ids = _preflight_tokens(model, revision, trust_remote_code, itertools.chain([first], prefixes), max_tokens,
                                 sink_tokens, spans, edit, queries, query_bins, names)
+        prefixes.close()  # what is left of the file is never read
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         _apply_edit(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
