@@ -845,7 +845,10 @@ def test_duplicate_grid_values_in_a_spec_and_a_probe_given_twice(work, tiny, no_
     refused(["extract", "-m", tiny, "-p", work / "dup.toml", "-o", work / "s.h5"], work, "grid.lengths", "distinct")
     # before: "4 tasks" planned, 2 measured, silently
     refused(["extract", "-m", tiny, "-p", work / "probe.toml", "-p", work / "probe.toml", "-o", work / "s.h5"],
-            work, "same probe", "give it once")
+            work, "probe.toml is given twice", "give it once")
+    (work / "copy.toml").write_text(PROBE)  # another file, the same content: the same tasks
+    refused(["extract", "-m", tiny, "-p", work / "probe.toml", "-p", work / "copy.toml", "-o", work / "s.h5"],
+            work, "are the same probe", "give it once")
     assert not (work / "s.h5.d").exists()
 
 

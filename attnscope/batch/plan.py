@@ -262,8 +262,10 @@ def _refuse_repeated_tasks(tasks: list[Task]) -> None:
     for t in tasks:
         if t.key in seen:
             other = seen[t.key]
-            raise AttnscopeError(f"probes {other.probe_path} and {t.probe_path} are the same probe ({t.probe}, "
-                                 f"content {t.probe_hash[:12]}): each task would be planned twice; give it once")
+            what = (f"probe {t.probe_path} is given twice" if other.probe_path == t.probe_path else
+                    f"probes {other.probe_path} and {t.probe_path} are the same probe ({t.probe}, content "
+                    f"{t.probe_hash[:12]})")
+            raise AttnscopeError(f"{what}: each of its tasks would be planned twice and measured once; give it once")
         seen[t.key] = t
 
 
