@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -31,6 +32,29 @@ def _error_line(message) -> None:
         console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False)
     else:
         sys.stderr.write(f"error: {text}\n")
+        sys.stderr.flush()
+
+
+# Off a terminal (a pipe, `> file`) nothing is wrapped or cut: rich would otherwise lay tables and
+# text out for 80 columns, breaking markdown rows and truncating column names.
+_UNLIMITED_WIDTH = 1_000_000
+
+
+def _stdout() -> Console:
+    """A console for stdout: the terminal's width on a terminal, unlimited width elsewhere."""
+    out = Console()
+    return out if out.is_terminal else Console(width=_UNLIMITED_WIDTH)
+
+
+def _warning_line(message) -> None:
+    """One line on stderr for something the user should know on a run that goes on (exit 0)."""
+    from attnscope.validate import one_line
+
+    text = one_line(message)
+    if sys.stderr.isatty():
+        console.print(f"[bold yellow]warning:[/] {escape(text)}", soft_wrap=True, highlight=False)
+    else:
+        sys.stderr.write(f"warning: {text}\n")
         sys.stderr.flush()
 
 
@@ -122,7 +146,8 @@ def analyze(
                                            help="Allow the model's own code to run"),
     ablate: Optional[str] = typer.Option(None, "--ablate",
                                          help="attention edit: window:W[,sinks:K], nosink:K, [,layers:0-3+9]"),
-    out: Optional[Path] = typer.Option(None, help="Write the result to this HDF5 file"),
+    # a string, not a Path: `--out newdir/` must keep its slash to be refused as a folder
+    out: Optional[str] = typer.Option(None, help="Write the result to this HDF5 file (.h5)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file (never a batch store)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout"),
     query_bins: Optional[int] = typer.Option(None, "--query-bins",
@@ -133,25 +158,30 @@ def analyze(
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
-    from attnscope.store.hdf5 import save_result
+    from attnscope.store.hdf5 import write_result
+    from attnscope.validate import has_utf8_bom, text_prefixes
 
     _quiet_transformers()
     _quiet(quiet)
     try:  # every input is checked before the model loads (docs/refusals.md)
         names, edit, spans = _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens,
                                                      dtype, device, query_bins, kernel, row_pass)
-        out = _check_out_file(out, overwrite)
-        text = _read_text(text_file)
-        ids = _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit,
-                                queries, query_bins)
+        real_out = _check_out_file(out, overwrite)
+        prefixes = text_prefixes(text_file)
+        first = next(prefixes)  # the file's own problems (missing, binary, not UTF-8) come first
+        ids = _preflight_tokens(model, revision, trust_remote_code, itertools.chain([first], prefixes), max_tokens,
+                                sink_tokens, spans, edit, queries, query_bins, names)
+        prefixes.close()  # what is left of the file is never read
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         _apply_edit(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
         ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
                                sink_tokens=sink_tokens, spans=spans or None,
                                query_bins=query_bins, kernel=kernel, row_pass=row_pass)
-        if out:
-            save_result(ds, out, overwrite=overwrite)
+        # a byte order mark is not text: it was stripped before tokenising (else tokens 0-2, the sink)
+        ds.attrs["text_bom_stripped"] = has_utf8_bom(text_file)
+        if real_out:  # checked before the compute; a file that appeared meanwhile keeps us from it
+            write_result(ds, real_out, overwrite=overwrite)
     except AttnscopeError as exc:
         _fail(exc)
     if as_json:
@@ -159,7 +189,7 @@ def analyze(
     else:
         _print_summary(ds)
         if out:
-            console.print(f"wrote {out}")
+            console.print(f"wrote {out}", highlight=False)
 
 
 # -- checks run before any model loads (attnscope.validate has the rules; docs/refusals.md) ---------
@@ -174,6 +204,8 @@ def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tok
     from attnscope.validate import check_count, check_device, check_metrics
 
     names = check_metrics((m.strip() for m in metrics.split(",") if m.strip()), ALL_METRICS)
+    if "span_mass" in names and not span:
+        raise AttnscopeError("--metrics span_mass needs --span START:END (token indices, END exclusive)")
     check_count("--max-tokens", max_tokens)
     check_count("--sink-tokens", sink_tokens, none_ok=False)
     check_count("--query-bins", query_bins)
@@ -187,7 +219,7 @@ def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tok
     return names, parse_ablation(ablate) if ablate else None, _parse_span(span)
 
 
-def _check_out_file(out: Optional[Path], overwrite: bool) -> Optional[Path]:
+def _check_out_file(out, overwrite: bool) -> Optional[Path]:
     from attnscope.store.files import check_output_file
 
     return None if out is None else check_output_file(out, overwrite=overwrite)
@@ -205,6 +237,28 @@ def _read_text(path: Path) -> str:
     return read_text_file(path, "text file")
 
 
+# Tokens beyond what is kept: a text read only in part is tokenised until its first N tokens no
+# longer change as more is read (a word cut at the end of a prefix changes only the last tokens).
+_TOKEN_MARGIN = 16
+
+
+def _read_tokens(tokenizer, prefixes, limit: Optional[int]) -> tuple[list[int], bool]:
+    """(token ids, whole text) of ever longer prefixes of a text (validate.text_prefixes), read
+    only until the first `limit` tokens are known: two prefixes, the second twice as long, both
+    with more than `limit` + a margin tokens and agreeing on the first `limit`. With no limit, or
+    a text that ends first, the whole text."""
+    earlier = None
+    for text, complete in prefixes:
+        ids = tokenizer(text)["input_ids"]
+        if complete:
+            return ids, True
+        if limit is not None and len(ids) > limit + _TOKEN_MARGIN:
+            if earlier is not None and earlier[:limit] == ids[:limit]:
+                return ids, False
+            earlier = ids
+    raise AssertionError("text_prefixes ends with the whole text")
+
+
 def _limits(model: str, revision, trust_remote_code: bool) -> dict:
     """The model's layers and context from its config (no weights loaded)."""
     from attnscope.models.loading import model_limits
@@ -212,12 +266,14 @@ def _limits(model: str, revision, trust_remote_code: bool) -> dict:
     return model_limits(model, revision, trust_remote_code=trust_remote_code)
 
 
-def _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink_tokens, spans, edit,
-                      queries="all", query_bins=None) -> list[int]:
-    """Tokenize with the model's tokenizer alone and check everything that depends on the model's
-    shape or the input's length, before the weights load."""
-    from attnscope.capture.queries import QuerySelection, query_bins as bin_queries
-    from attnscope.errors import InputTooLongError
+def _preflight_tokens(model, revision, trust_remote_code, prefixes, max_tokens, sink_tokens, spans, edit,
+                      queries="all", query_bins=None, metrics=()) -> list[int]:
+    """Tokenize with the model's tokenizer alone (reading the text only as far as --max-tokens or
+    the context needs) and check everything that depends on the model's shape or the input's
+    length, before the weights load. Messages name the command's flags."""
+    from attnscope.capture.queries import QuerySelection
+    from attnscope.errors import InputTooLongError, MemoryGuardError
+    from attnscope.metrics.analyze import PATTERN_LIMIT_BYTES
     from attnscope.models.loading import load_tokenizer
     from attnscope.validate import check_edit_layers, check_sink_tokens
 
@@ -229,20 +285,39 @@ def _preflight_tokens(model, revision, trust_remote_code, text, max_tokens, sink
     except (OSError, ValueError, TypeError) as exc:
         raise AttnscopeError(f"{model} has no usable tokenizer ({type(exc).__name__}); save one next to "
                              "the weights") from None
-    ids = tokenizer(text)["input_ids"]
+    ctx = limits.get("max_positions")
+    ids, whole = _read_tokens(tokenizer, prefixes, max_tokens if max_tokens is not None else ctx)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    check_sink_tokens(sink_tokens, len(ids))
-    ctx = limits.get("max_positions")
-    if ctx and len(ids) > ctx:
-        raise InputTooLongError(f"the input has {len(ids)} tokens but {model} has a context of {ctx}; pass "
+    elif ctx and len(ids) > ctx:
+        many = f"{len(ids)} tokens" if whole else f"more than {ctx} tokens (read as far as that)"
+        raise InputTooLongError(f"the input has {many} but {model} has a context of {ctx}; pass "
                                 f"--max-tokens {ctx} to analyse its first {ctx} tokens")
+    check_sink_tokens(sink_tokens, len(ids), flag="--sink-tokens")
+    if ctx and len(ids) > ctx:
+        raise InputTooLongError(f"--max-tokens {max_tokens} is more than {model}'s context of {ctx} tokens; "
+                                f"pass --max-tokens {ctx} or fewer")
     for name, (s0, s1) in spans.items():
         if s1 > len(ids):
             raise AttnscopeError(f"--span {s0}:{s1} is not inside the {len(ids)}-token input")
-    selected = QuerySelection.parse(queries).resolve(len(ids))
-    if query_bins is not None:
-        bin_queries(selected, query_bins)
+    selection = QuerySelection.parse(queries)
+    if selection.mode in ("all", "strided") and selection.min_position >= len(ids):
+        raise AttnscopeError(f"the input has {len(ids)} tokens but --queries {queries} starts at position "
+                             f"{selection.min_position} (earlier queries see too few keys to average); use a "
+                             "longer text, --queries last:N or explicit positions (--queries 3,5,8)")
+    selected = selection.resolve(len(ids))
+    if query_bins is not None and query_bins > int(selected[-1]) + 1 - int(selected[0]):
+        raise AttnscopeError(f"--query-bins {query_bins} is more than the {int(selected[-1]) + 1 - int(selected[0])} "
+                             f"query positions [{int(selected[0])}, {int(selected[-1]) + 1}); use fewer bins or a "
+                             "longer text")
+    heads, layers = limits.get("n_heads"), limits.get("n_layers")
+    if "pattern" in metrics and heads and layers:
+        size = 4 * int(heads) * int(layers) * len(ids) ** 2
+        if size > PATTERN_LIMIT_BYTES:
+            raise MemoryGuardError(
+                f"--metrics pattern keeps full attention maps: {len(ids)} tokens x {layers} layers x {heads} "
+                f"heads need {size / 2**30:.1f} GiB (limit {PATTERN_LIMIT_BYTES / 2**30:.1f} GiB); drop pattern "
+                "from --metrics (the others stream) or use a shorter input (--max-tokens)")
     return ids
 
 
@@ -253,15 +328,15 @@ def _apply_edit(model, edit) -> None:
 
 
 def _print_summary(ds, top: int = 10) -> None:
-    out = Console()
+    out = _stdout()
     table = Table(title=f"{ds.attrs['model']} — {ds.attrs['n_tokens']} tokens, queries {ds.attrs['queries']}")
     table.add_column("layer", justify="right")
-    cols = [m for m in ("sink_mass", "token0_mass", "entropy", "mean_distance") if m in ds]
+    cols = [m for m in ("sink_mass", "token0_mass", "span_mass", "entropy", "mean_distance") if m in ds]
     for m in cols:
         table.add_column(f"mean {m}", justify="right")
     if "sink_mass" in ds:
         table.add_column("strongest sink head", justify="right")
-    for layer in ds.layer.values:
+    for layer in ds.layer.values:  # span_mass: the mean over heads and over the spans (CLI: one --span)
         row = [str(int(layer))] + [f"{float(ds[m].sel(layer=layer).mean()):.3f}" for m in cols]
         if "sink_mass" in ds:
             s = ds.sink_mass.sel(layer=layer)
@@ -276,6 +351,12 @@ def _print_summary(ds, top: int = 10) -> None:
         out.print(f"[bold]strongest sink heads[/] (mass on first {ds.attrs['sink_tokens']} tokens): {strongest}")
 
 
+def _check_demo_tokens(tokens: int, context: Optional[int]) -> None:
+    if context and tokens > context:
+        raise AttnscopeError(f"--tokens {tokens} is more than SmolLM2's context of {context} tokens; use --tokens "
+                             f"{context} or fewer")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("attnscope-demo"), help="Folder for the demo's outputs"),
@@ -288,7 +369,8 @@ def demo(
     import attnscope
     from attnscope.extras import missing
     from attnscope.probing.texts import prose
-    from attnscope.store.hdf5 import save_result
+    from attnscope.store.files import check_output_file
+    from attnscope.store.hdf5 import write_result
     from attnscope.validate import check_count
 
     _quiet_transformers()
@@ -297,14 +379,18 @@ def demo(
     png = None
     try:
         check_count("--tokens", tokens, minimum=32, none_ok=False)
+        _check_demo_tokens(tokens, _limits("smollm2", None, False).get("max_positions"))  # known once converted
         _check_out_dir(out, overwrite)
+        result = check_output_file(out / "smollm2_prose.h5", overwrite=overwrite, option="the demo's result")
         say("loading SmolLM2-135M-Instruct (first run converts the GGUF once, ~40 s)…")
         lm = attnscope.load("smollm2")
+        _check_demo_tokens(tokens, lm.max_positions)
         ids = lm.tokenizer(prose())["input_ids"][:tokens]
         say(f"analysing {len(ids)} tokens of 'loc_workshop' prose, all 30 layers x 9 heads…")
         ds = attnscope.analyze(lm, token_ids=ids)
         out.mkdir(parents=True, exist_ok=True)
-        result = save_result(ds, out / "smollm2_prose.h5", overwrite=overwrite)
+        write_result(ds, result, overwrite=overwrite)
+        result = out / "smollm2_prose.h5"
         command = f"attnscope demo --out {out} --tokens {tokens}"
         if not missing("plot"):
             from attnscope.report.heatmap import metric_heatmap
@@ -316,12 +402,11 @@ def demo(
     except AttnscopeError as exc:
         _fail(exc)
     _print_summary(ds)
-    Console().print(f"wrote {result}" + (f" and {png}" if png else ""))
+    _stdout().print(f"wrote {result}" + (f" and {png}" if png else ""))
     if png is None:
         console.print(escape("no heatmap: matplotlib is not installed (pip install 'attnscope[plot]')"))
 
 
-_out = Console(width=None if Console().is_terminal else 160)
 _err = console
 
 # (column, header): short headers keep the table readable in 120 columns
@@ -368,8 +453,8 @@ def models_cmd(
                          no_wrap=col in ("name", "hf_class"))
     for _, row in df.iterrows():
         table.add_row(*[_cell(row[c]) for c, _ in _MODEL_COLUMNS])
-    _out.print(table)
-    _out.print(f"[dim]Source: {olmpool.PROVENANCE}[/dim]")
+    _stdout().print(table)
+    _stdout().print(f"[dim]Source: {olmpool.PROVENANCE}[/dim]")
 
 
 @app.command("revisions")
@@ -396,7 +481,7 @@ def revisions_cmd(
     for r in revs:
         marker = "end of pretraining" if r.is_final_pretrain else ("end of extension" if r.is_final else "")
         table.add_row(r.name, r.stage, "" if r.step is None else str(r.step), marker, (r.commit or "")[:10])
-    _out.print(table)
+    _stdout().print(table)
 
 
 _STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -464,27 +549,39 @@ def doctor_cmd(
             style = _STATUS_STYLE[c.status]
             table.add_row(c.name, c.scope, f"[{style}]{c.status}[/]", _short(c.measured),
                           _short(c.expected), c.explanation)
-        _out.print(table)
+        _stdout().print(table)
         n = report.counts()
-        _out.print(f"{n['pass']} passed, {n['warn']} warnings, {n['fail']} failed, {n['skip']} skipped")
+        _stdout().print(f"{n['pass']} passed, {n['warn']} warnings, {n['fail']} failed, {n['skip']} skipped")
         for fix in report.info.get("fixes", []):
-            _out.print(f"[yellow]load fix:[/] {fix}")
+            _stdout().print(f"[yellow]load fix:[/] {fix}")
     if not report.ok:
         raise typer.Exit(1)
 
 
-def _floats(s: Optional[str], option: str = "--depths") -> Optional[list[float]]:
+def _grid_values(s: Optional[str], option: str, kind, what: str) -> Optional[list]:
+    """A comma-separated grid option: None (the spec's values) or a non-empty list without repeats."""
+    if s is None:
+        return None
     try:
-        return None if s is None else [float(x) for x in s.split(",") if x.strip()]
+        values = [kind(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise AttnscopeError(f"{option} {s!r}: expected comma-separated numbers") from None
+        raise AttnscopeError(f"{option} {s!r}: expected comma-separated {what}") from None
+    if not values:
+        raise AttnscopeError(f"{option} {s!r} names no values; give comma-separated {what}, or leave "
+                             f"{option} out for the spec's grid")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise AttnscopeError(f"{option} {s!r} repeats {', '.join(f'{v:g}' for v in repeated)}: each grid point "
+                             "would be measured twice; give each value once")
+    return values
+
+
+def _floats(s: Optional[str], option: str = "--depths") -> Optional[list[float]]:
+    return _grid_values(s, option, float, "numbers")
 
 
 def _ints(s: Optional[str], option: str = "--lengths") -> Optional[list[int]]:
-    try:
-        return None if s is None else [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise AttnscopeError(f"{option} {s!r}: expected comma-separated integers") from None
+    return _grid_values(s, option, int, "integers")
 
 
 def _check_grid(ps, lengths, depths, seeds, max_context) -> None:
@@ -498,7 +595,7 @@ def _check_grid(ps, lengths, depths, seeds, max_context) -> None:
 def probe_cmd(
     model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
     spec: str = typer.Option(..., "--spec", help="a shipped probe's name (`attnscope probes`) or a spec TOML file"),
-    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file for the result"),
+    out: str = typer.Option(..., "--out", "-o", help="HDF5 file for the result (.h5)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file (never a batch store)"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     lengths: Optional[str] = typer.Option(None, help="comma-separated lengths in tokens (default: the spec's grid)"),
@@ -518,7 +615,7 @@ def probe_cmd(
     from attnscope.models.loading import _parse_dtype
     from attnscope.probing.needle import ANSWER_MODES, RETRIEVAL_COUNTS, RETRIEVAL_SPANS, run_probe
     from attnscope.probing.spec import load_spec
-    from attnscope.store.hdf5 import save_result
+    from attnscope.store.hdf5 import write_result
     from attnscope.validate import check_device
 
     _quiet_transformers()
@@ -533,14 +630,14 @@ def probe_cmd(
         grid = _ints(lengths), _floats(depths), _ints(seeds, "--seeds")
         _parse_dtype(dtype)
         check_device(device)
-        out = _check_out_file(out, overwrite)
+        real_out = _check_out_file(out, overwrite)
         _check_grid(ps, *grid, _limits(model, revision, trust_remote_code).get("max_positions"))
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         ds = run_probe(lm, ps, lengths=grid[0], depths=grid[1], seeds=grid[2], decode=not no_decode,
                        answer_mode=answer_mode, retrieval_count=retrieval_count,
                        retrieval_span=retrieval_span)
-        save_result(ds, out, overwrite=overwrite)
+        write_result(ds, real_out, overwrite=overwrite)  # a file that appeared meanwhile keeps us from it
     except AttnscopeError as exc:
         _fail(exc)
     table = Table(title=f"{ds.attrs['probe']} on {ds.attrs['model']}")
@@ -559,8 +656,8 @@ def probe_cmd(
                     table.add_row(str(L), f"{d:g}", str(s), "-" if ok is None else ("yes" if ok else "no"),
                                   f"L{int(cell.layer[li])}.H{hi} {float(cell.values[li, hi]):.3f}",
                                   f"{float(cell.values[li, hi]) / float(uniform.sel(length=L, depth=d, seed=s)):.1f}x")
-    Console().print(table)
-    Console().print(f"wrote {out}")
+    _stdout().print(table)
+    _stdout().print(f"wrote {out}")
 
 
 @app.command("probe-build")
@@ -601,7 +698,7 @@ def probe_build(
         needle = p.spans.get("needle", p.spans.get("text"))
         table.add_row(str(p.length), f"{p.depth_requested:g}", f"{p.depth_actual:.3f}", str(p.seed),
                       str(needle), str(p.spans.get("answer_position", "-")), ", ".join(p.answer))
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command("probes")
@@ -625,7 +722,18 @@ def probes_cmd(
         table.add_column(col, overflow="fold", no_wrap=col == "name")
     for p in infos:
         table.add_row(p.name, p.task, p.grid, p.description)
-    _out.print(table)
+    _stdout().print(table)
+
+
+def _tokenizer_only(name: str):
+    """A model's tokenizer, without its weights (for checks before the load)."""
+    from attnscope.models.loading import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AttnscopeError(f"{name} has no usable tokenizer ({type(exc).__name__}); save one next to "
+                             "the weights") from None
 
 
 def _load_model(name: str):
@@ -660,7 +768,7 @@ def tokens(
     """Compare two models token by token: gap = loss_A - loss_B (> 0: B better), by token category."""
     from attnscope.extras import require
     from attnscope.tokens import parse_ablation, read_corpus, run_study
-    from attnscope.tokens.study import check_documents
+    from attnscope.tokens.study import check_documents, check_scorable
     from attnscope.validate import check_count, check_edit_layers
 
     _quiet(quiet)
@@ -676,7 +784,9 @@ def tokens(
         docs, kinds = read_corpus(corpus)
         if max_docs is not None:
             docs = dict(list(docs.items())[:max_docs])
-        check_documents(docs, f"--corpus {corpus}" + (f" (first {max_docs})" if max_docs is not None else ""))
+        source = f"--corpus {corpus}" + (f" (first {max_docs})" if max_docs is not None else "")
+        check_documents(docs, source)
+        check_scorable(docs, _tokenizer_only(model_a), source)  # the tokenizer alone, before any model loads
         for m in (model_a, model_b or model_a):
             n_layers = _limits(m, None, False).get("n_layers")
             if spec is not None and n_layers:
@@ -688,7 +798,7 @@ def tokens(
             # B = A: run_study scores A, then sets the edit on the same model (no weight copy)
             mb, tb = ma, ta
             if spec is None:
-                console.print("[yellow]model B is model A with no edit: every gap will be 0[/]")
+                _warning_line("model B is model A with no edit: every gap will be 0")
         else:
             mb, tb = _load_model(model_b)
         label_a = Path(model_a).name if Path(model_a).exists() else model_a
@@ -700,7 +810,7 @@ def tokens(
     except AttnscopeError as e:
         _fail(e)
     for name, p in paths.items():
-        Console().print(f"  {name}: {p}")
+        _stdout().print(f"  {name}: {p}")
 
 
 def _command_line(name: str, **options) -> str:
@@ -742,6 +852,10 @@ def report_cmd(
     try:
         from attnscope.extras import require
 
+        from attnscope.validate import check_count
+
+        check_count("--n-resamples", n_resamples, none_ok=False)
+        check_count("--seed", seed, minimum=0, none_ok=False)
         require("attnscope report", "stats", "plot")
         _check_out_dir(out, overwrite)
         command = _command_line("report", store=None if registry_only else store, out=out, score=score,
@@ -756,7 +870,8 @@ def report_cmd(
     if as_json:
         typer.echo(paths["json"].read_text(encoding="utf-8"))
     else:
-        Console().print(paths["markdown"].read_text(encoding="utf-8").split("## Models")[0])
+        # plain text: markdown stays markdown (rich would wrap its table rows at the console's width)
+        typer.echo(paths["markdown"].read_text(encoding="utf-8").split("## Models")[0])
         for name, p in paths.items():
             console.print(f"  {name}: {p}")
 
@@ -839,15 +954,15 @@ def extract_cmd(
         raise typer.Exit(130) from None
     if dry_run:
         for line in describe_plan(report):
-            _out.print(line, highlight=False, soft_wrap=True)
+            _stdout().print(line, highlight=False, soft_wrap=True)
         return
-    if report.corrupt:
-        _error_line(f"{len(report.corrupt)} stored task(s) failed their checksums and were moved aside (nothing "
+    if report.corrupt:  # the run went on: a warning, not an error
+        _warning_line(f"{len(report.corrupt)} stored task(s) failed their checksums and were moved aside (nothing "
                     f"deleted: /quarantine in the store, *.corrupt in {report.store.name}.d/) and measured again: "
                     + ", ".join(report.corrupt))
     for note in report.plan.notes:
-        _out.print(f"note: {note}", highlight=False, soft_wrap=True)
-    _out.print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
+        _stdout().print(f"note: {note}", highlight=False, soft_wrap=True)
+    _stdout().print(f"{report.succeeded} task(s) measured, {report.already_done} already in the store, "
                f"{len(report.failures)} failed; store {report.store} ({report.elapsed_s:.0f} s)", highlight=False)
     if report.failures:
         groups = group_failures(report.failures)
@@ -859,7 +974,7 @@ def extract_cmd(
             cps = g.checkpoints
             shown = ", ".join(cps[:3]) + (f" +{len(cps) - 3} more" if len(cps) > 3 else "")
             table.add_row(g.cause[:300], str(len(g.tasks)), shown, f"{g.tasks[0].label} ({g.tasks[0].key})")
-        _out.print(table)
+        _stdout().print(table)
         raise typer.Exit(1)
 
 
@@ -892,7 +1007,7 @@ def store_upgrade(src: Path = typer.Argument(..., help="the store to read (any s
         n = upgrade_store(src, dst)
     except AttnscopeError as exc:
         _fail(exc)
-    _out.print(f"wrote {dst}: {n} entries, each read back from {src} and written with checksums", highlight=False)
+    _stdout().print(f"wrote {dst}: {n} entries, each read back from {src} and written with checksums", highlight=False)
 
 
 from attnscope import cli_drill  # noqa: E402,F401  (registers `drill` and `decompose`)

@@ -45,6 +45,10 @@ class OutputExistsError(AttnscopeError):
     """An output path is taken (an existing file without --overwrite, a batch store, a folder)."""
 
 
+class NoSpaceError(AttnscopeError):
+    """The filesystem has no room for an output (ENOSPC, or a disk quota)."""
+
+
 class TextSourceError(AttnscopeError):
     """A text (shipped corpus name or user file) cannot be found or read."""
 

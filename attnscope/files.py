@@ -8,20 +8,31 @@ attnscope creates:
   make it 0600 (0700 for a folder), and colleagues on a shared cluster could not read a store or
   reuse a cache;
 * it appears whole or not at all: written under a temporary name in its target folder, fsynced,
-  renamed into place.
+  renamed into place;
+* a full disk is one error (`NoSpaceError`: "no space left on <folder>: N bytes needed"), never a
+  half-written file: bytes are reserved (`posix_fallocate`) before they are written. HDF5 files
+  are built in memory first and written as bytes (`write_reserved`), because h5py turns a failed
+  write into a crash (exit 139) instead of an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from attnscope.errors import NoSpaceError
+
 __all__ = ["atomic_path", "default_file_mode", "default_dir_mode", "fsync_dir", "fsync_file",
-           "make_private_dir_public", "write_json_atomic"]
+           "follow_umask", "make_private_dir_public", "no_space_left", "reserve", "write_json_atomic",
+           "write_reserved"]
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
@@ -52,6 +63,67 @@ def make_private_dir_public(path: str | os.PathLike) -> None:
     os.chmod(path, default_dir_mode())
 
 
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give every file directly in `folder` the umask's mode: for folders another library wrote
+    (transformers' `save_pretrained` writes model.safetensors through a 0600 temporary file)."""
+    mode = default_file_mode()
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
+def _free_bytes(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free} bytes free"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def no_space_left(path: str | os.PathLike, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, a quota) inside the block into one NoSpaceError naming the folder
+    of `path` and the bytes the write needed (None: unknown ahead, so more than `path` holds when
+    the disk filled)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        path = Path(path)
+        if needed is None:
+            try:
+                written = path.stat().st_size
+            except OSError:
+                written = 0
+            amount = f"more than {written} bytes needed"
+        else:
+            amount = f"{needed} bytes needed"
+        raise NoSpaceError(f"no space left on {path.parent}: {amount} ({_free_bytes(path.parent)}); "
+                           "free some space or write elsewhere") from None
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate `length` bytes of a file from `offset` (extending it), so that writing them cannot
+    fail for lack of space; a filesystem without fallocate is left to the write itself."""
+    if length <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise
+        # EOPNOTSUPP, EINVAL: no reservation here; the write below still reports a full disk
+
+
+def write_reserved(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` (created or truncated), its space reserved first: a full disk is a
+    NoSpaceError before any byte is written (the caller removes the file)."""
+    with no_space_left(path, len(data)), open(path, "wb") as fh:
+        reserve(fh.fileno(), 0, len(data))
+        fh.write(data)
+        fh.flush()
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -76,8 +148,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        fsync_file(tmp)
+        with no_space_left(tmp):  # whatever the caller writes: a full disk is one NoSpaceError
+            yield Path(tmp)
+            fsync_file(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:

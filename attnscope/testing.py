@@ -161,9 +161,12 @@ def _build(kind: str, path: Path, overrides: dict[str, Any]):
 
 
 def _save(kind: str, model, tok, path: Path) -> Path:
+    from attnscope.files import follow_umask
+
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    follow_umask(path)  # save_pretrained writes model.safetensors 0600; every file follows the umask
     config_name, model_name, model_type, remote = _SPECS[kind]
     if remote:
         cfg_file = path / "config.json"
@@ -290,6 +293,9 @@ def make_wrong_norm_checkpoint(path: str | os.PathLike, *, reference_path: str |
             f.unlink()
         save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
                   metadata={"format": "pt"})
+        from attnscope.files import follow_umask
+
+        follow_umask(path)
     return path
 
 

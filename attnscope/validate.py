@@ -8,13 +8,16 @@ every layer may use it.
 
 from __future__ import annotations
 
+import codecs
 import os
+import stat
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from attnscope.errors import AttnscopeError, MemoryGuardError, ProbeBuildError, SpecError, TextSourceError
 
-__all__ = ["one_line", "check_device", "check_count", "read_text_file", "check_metrics", "check_sink_tokens",
+__all__ = ["one_line", "check_device", "check_count", "read_text_file", "text_prefixes", "regular_file",
+           "has_utf8_bom", "check_metrics", "check_sink_tokens",
            "check_edit_layers", "check_seeds", "is_out_of_memory", "out_of_memory_error"]
 
 
@@ -69,28 +72,83 @@ def check_count(name: str, value, *, minimum: int = 1, none_ok: bool = True):
     return value
 
 
-def read_text_file(path, what: str = "text file") -> str:
-    """The whole file as text: it must exist, be a file, be UTF-8 (no NUL bytes) and hold text."""
+def regular_file(path, what: str = "text file") -> Path:
+    """`path` as a Path: it must exist and be a regular file. A device (/dev/zero), a FIFO or a
+    socket is refused before any byte is read: it may never end."""
     p = Path(path).expanduser()
     if not p.exists():
         raise TextSourceError(f"no such {what}: {p}")
     if p.is_dir():
         raise TextSourceError(f"{what} {p} is a folder; pass a UTF-8 text file")
     try:
-        data = p.read_bytes()
+        mode = p.stat().st_mode
     except OSError as exc:
         raise TextSourceError(f"cannot read {what} {p} ({exc.strerror or exc})") from None
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise TextSourceError(f"{what} {p} looks binary (a NUL byte at offset {nul}); pass UTF-8 text")
+    if not stat.S_ISREG(mode):
+        raise TextSourceError(f"{what} {p} is not a regular file (a device, pipe or socket, which may never "
+                              "end); save the text to a file and pass that")
+    return p
+
+
+def has_utf8_bom(path) -> bool:
+    """Whether a file starts with the UTF-8 byte order mark (EF BB BF), which the readers strip."""
+    with open(path, "rb") as fh:
+        return fh.read(3) == codecs.BOM_UTF8
+
+
+def text_prefixes(path, what: str = "text file", *, first: int = 1 << 16) -> Iterator[tuple[str, bool]]:
+    """Ever longer prefixes of a UTF-8 text file: yields (text so far, complete) after reading
+    `first` bytes, then twice as many each time, the last one the whole file (complete=True).
+    A caller that needs only the start (the first N tokens) stops early: a 40 MB file with
+    --max-tokens 64 is read 64 KB at a time, not whole. Each part read is checked as
+    `read_text_file` checks the whole file (binary, not UTF-8); a UTF-8 byte order mark is
+    stripped."""
+    p = regular_file(path, what)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    so_far = ""
+    consumed = 0  # bytes handed to the decoder so far
+    size = first
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TextSourceError(f"{what} {p} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                              "convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
-    if not text.strip():
-        raise TextSourceError(f"{what} {p} is empty" + (" (only whitespace)" if text else ""))
-    return text
+        fh = open(p, "rb")
+    except OSError as exc:
+        raise TextSourceError(f"cannot read {what} {p} ({exc.strerror or exc})") from None
+    with fh:
+        while True:
+            try:
+                chunk = fh.read(size - consumed)
+            except OSError as exc:
+                raise TextSourceError(f"cannot read {what} {p} ({exc.strerror or exc})") from None
+            complete = len(chunk) < size - consumed  # a regular file reads short only at its end
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise TextSourceError(f"{what} {p} looks binary (a NUL byte at offset {consumed + nul}); "
+                                      "pass UTF-8 text")
+            pending = len(decoder.getstate()[0])
+            try:
+                so_far += decoder.decode(chunk, final=complete)
+            except UnicodeDecodeError as exc:
+                at = consumed - pending + exc.start
+                raise TextSourceError(f"{what} {p} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                                      f"{at}); convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+            consumed += len(chunk)
+            text = so_far[1:] if so_far.startswith("\ufeff") else so_far
+            if complete:
+                if not text.strip():
+                    raise TextSourceError(f"{what} {p} is empty" + (" (only whitespace)" if text else ""))
+                yield text, True
+                return
+            if text.strip():
+                yield text, False
+            size *= 2
+
+
+def read_text_file(path, what: str = "text file") -> str:
+    """The whole file as text: it must exist, be a regular file, be UTF-8 (no NUL bytes) and hold
+    text. A UTF-8 byte order mark is stripped (`has_utf8_bom` says whether there was one)."""
+    for text, complete in text_prefixes(path, what):
+        if complete:
+            return text
+    raise AssertionError("text_prefixes ends with the whole file")
 
 
 def check_metrics(names: Iterable[str], known: Sequence[str]) -> tuple[str, ...]:
@@ -104,12 +162,18 @@ def check_metrics(names: Iterable[str], known: Sequence[str]) -> tuple[str, ...]
     return names
 
 
-def check_sink_tokens(sink_tokens, n_tokens: int) -> None:
-    """The sink must be a proper prefix of the input, or every key is a sink and sink_mass is 1."""
-    check_count("sink_tokens", sink_tokens)
+def check_sink_tokens(sink_tokens, n_tokens: int, *, flag: str | None = None) -> None:
+    """The sink must be a proper prefix of the input, or every key is a sink and sink_mass is 1.
+    `flag`: the CLI option that set it (the message then names it, not the keyword)."""
+    check_count(flag or "sink_tokens", sink_tokens)
+    if n_tokens < 2:
+        raise AttnscopeError(f"the input has {n_tokens} token: attention on a sink needs at least one token after "
+                             "it; use a longer input")
     if sink_tokens >= n_tokens:
-        raise AttnscopeError(f"sink_tokens={sink_tokens} covers the whole {n_tokens}-token input (sink_mass would "
-                             f"be 1 by construction); use fewer sink tokens (default 4) or a longer input")
+        given, fewer = (f"{flag} {sink_tokens}", f"{flag} {n_tokens - 1}") if flag else \
+            (f"sink_tokens={sink_tokens}", f"sink_tokens={n_tokens - 1}")
+        raise AttnscopeError(f"{given} covers the whole {n_tokens}-token input (sink_mass would be 1 by "
+                             f"construction); use {fewer} or fewer (default 4), or a longer input")
 
 
 def check_edit_layers(layers: Sequence[int] | None, n_layers: int, what: str = "the attention edit") -> None:

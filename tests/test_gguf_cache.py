@@ -20,6 +20,11 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def _gguf_bytes(n: int) -> bytes:
+    """n bytes that start as every GGUF file does (attnscope checks the magic before anything)."""
+    return b"GGUF" + os.urandom(n - 4)
+
+
 def _no_conversion(monkeypatch):
     def refuse(path, out):
         raise AssertionError(f"converted {path} again")
@@ -48,7 +53,7 @@ def test_a_conversion_is_found_from_another_path(tmp_path, cache, monkeypatch):
     """A converted folder serves every copy of the file; nothing is converted twice."""
     src = tmp_path / "one" / "m.gguf"
     src.parent.mkdir()
-    src.write_bytes(os.urandom(2048))
+    src.write_bytes(_gguf_bytes(2048))
     calls = []
 
     def fake_convert(path, out):  # stands in for the 25 s dequantisation only
@@ -68,7 +73,7 @@ def test_a_conversion_is_found_from_another_path(tmp_path, cache, monkeypatch):
 def test_path_keyed_folders_of_attnscope_0_1_are_adopted_or_ignored(tmp_path, cache, monkeypatch):
     src = tmp_path / "venv" / "m.gguf"
     src.parent.mkdir()
-    src.write_bytes(os.urandom(4096))
+    src.write_bytes(_gguf_bytes(4096))
     old = legacy_cache_dir(src)  # what attnscope 0.1 wrote for this path
     old.mkdir(parents=True)
     (old / "model.safetensors").write_bytes(b"weights")
@@ -94,7 +99,7 @@ def test_path_keyed_folders_of_attnscope_0_1_are_adopted_or_ignored(tmp_path, ca
     assert (old / MARKER).is_file()  # the old install keeps its folder
 
     other = tmp_path / "x.gguf"
-    other.write_bytes(b"different content")
+    other.write_bytes(b"GGUF different content")
     converted = []
     monkeypatch.setattr(gguf_cache, "_convert", lambda p, out: converted.append(p))
     convert_gguf(other)
@@ -115,7 +120,7 @@ def test_cache_follows_the_umask(tmp_path, cache, monkeypatch):
     """Digest memos and converted folders get the umask's modes, so a shared cache can be shared
     (mkstemp and mkdtemp alone give 0600 and 0700)."""
     src = tmp_path / "m.gguf"
-    src.write_bytes(os.urandom(1024))
+    src.write_bytes(_gguf_bytes(1024))
     monkeypatch.setattr(gguf_cache, "_convert", lambda path, out: (out / "config.json").write_text("{}"))
     old = os.umask(0o022)
     try:
@@ -126,3 +131,38 @@ def test_cache_follows_the_umask(tmp_path, cache, monkeypatch):
     assert memo.stat().st_mode & 0o777 == 0o644
     assert folder.stat().st_mode & 0o777 == 0o755
     assert (folder / MARKER).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_real_conversion_follows_the_umask(smollm2, cache):
+    """transformers' save_pretrained writes model.safetensors 0600 (through a private temporary
+    file): the converted folder of a shared cache must be readable by the group, as the umask says."""
+    from attnscope.models.names import smollm2_gguf
+
+    old = os.umask(0o027)
+    try:
+        folder = convert_gguf(smollm2_gguf())  # a fresh cache: a real conversion (~20 s)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+    assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+    assert folder.stat().st_mode & 0o777 == 0o750
+
+
+def test_what_is_not_a_gguf_file_or_a_cache_is_named(tmp_path, cache, monkeypatch):
+    """Before: both said "<model> has no usable tokenizer"."""
+    from attnscope.errors import AttnscopeError, ModelNotFoundError
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(os.urandom(5000))
+    with pytest.raises(ModelNotFoundError, match="is not a GGUF file"):
+        convert_gguf(fake)
+    garbage = tmp_path / "garbage.gguf"  # the magic, then nothing transformers can parse
+    garbage.write_bytes(_gguf_bytes(5000))
+    with pytest.raises(ModelNotFoundError, match="could not be converted"):
+        convert_gguf(garbage)
+    assert not [p for p in (cache / "gguf").iterdir() if p.is_dir() and p.name.startswith("sha256-")]  # none half-made
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ATTNSCOPE_CACHE", str(blocker))
+    with pytest.raises(AttnscopeError, match="cannot use attnscope's cache .*ATTNSCOPE_CACHE"):
+        convert_gguf(garbage)

@@ -36,7 +36,8 @@ def test_probes_by_name_everywhere(tiny_lm, tmp_path, monkeypatch):
     from attnscope.probing.catalog import shipped_dir
 
     infos = {p.name: p for p in list_probes()}
-    assert set(infos) == {"natural_text", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
+    assert set(infos) == {"natural_text", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                          "prose_demo", "prose_query_bins"}  # the last two: docs/report.md's demo stores
     assert infos["niah_single"].task == "niah" and infos["niah_single"].description
     assert Path(infos["niah_single"].path).parent == shipped_dir()
     by_name, by_file = load_spec("niah_single"), load_spec(shipped_dir() / "niah_single.toml")

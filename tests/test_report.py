@@ -542,7 +542,7 @@ def test_example_notebook_runs(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
 
-    nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "attnscope" / "data" / "notebooks" / "quickstart.ipynb", as_version=4)  # shipped
     # a kernel on this interpreter (the venv's) that imports this checkout's attnscope
     kdir = tmp_path / "jupyter" / "kernels" / "attnscope-test"
     kdir.mkdir(parents=True)

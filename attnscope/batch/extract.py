@@ -145,6 +145,7 @@ def extract(
     (`<metric>_by_query`; a task parameter, so part of the task key; docs/batch.md).
     """
     from attnscope.batch.runner import check_ray_address
+    from attnscope.store.files import check_store_path
     from attnscope.store.store import StoreWriter
     from attnscope.validate import check_count, check_device
 
@@ -160,6 +161,7 @@ def extract(
         except ImportError:
             raise AttnscopeError("the ray executor needs Ray: pip install 'ray[default]' "
                                  "(or use --executor local)") from None
+    check_store_path(out)  # an HDF5 name that fits the filesystem, with its .d/, .lock and temporary names
     out = Path(out).expanduser().absolute()
     plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins)
     keys = set(plan.keys)

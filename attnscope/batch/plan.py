@@ -251,7 +251,22 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
                              "(InputTooLongError)")
             for params in task_params(spec, query_bins):
                 tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
+    _refuse_repeated_tasks(tasks)
     return Plan(tasks, query_notes + notes)
+
+
+def _refuse_repeated_tasks(tasks: list[Task]) -> None:
+    """Two tasks with one key would be counted twice and measured once: a probe given twice (or two
+    files with the same content)."""
+    seen: dict[str, Task] = {}
+    for t in tasks:
+        if t.key in seen:
+            other = seen[t.key]
+            what = (f"probe {t.probe_path} is given twice" if other.probe_path == t.probe_path else
+                    f"probes {other.probe_path} and {t.probe_path} are the same probe ({t.probe}, content "
+                    f"{t.probe_hash[:12]})")
+            raise AttnscopeError(f"{what}: each of its tasks would be planned twice and measured once; give it once")
+        seen[t.key] = t
 
 
 def _check_query_bins(query_bins: int | None, specs) -> list[str]:

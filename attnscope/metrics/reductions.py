@@ -253,10 +253,13 @@ class StatsRecorder:
         local = attn.vis.local_span
         span = plan.length if local is None else min(local, plan.length)
         chunk = max(32, _CHUNK_ELEMENTS // max(1, H * span))
+        # a block is [H, chunk, <= span + chunk] keys: with a small window the chunk term dominates,
+        # so bound chunk * (span + chunk) too, and never exceed the rows there are
+        chunk = min(chunk, max(32, math.isqrt(_CHUNK_ELEMENTS // H)), max(1, len(q_rows)))
         # Plain causal rows (no padding mask, window or edit) can only hide keys after the
         # chunk's first query: the mask bias then touches just those last columns.
         causal_only = attn.vis.causal_only
-        buf = torch.empty(H * chunk * (span + chunk), device=dev)  # reused for p across chunks
+        buf = torch.empty(H * chunk * min(span + chunk, plan.length), device=dev)  # reused for p across chunks
         bounds = np.searchsorted(plan.group_index(), np.arange(G + 1))  # group g: rows [bounds[g], bounds[g+1])
         for g in range(G):
             for c0 in range(int(bounds[g]), int(bounds[g + 1]), chunk):
@@ -271,6 +274,8 @@ class StatsRecorder:
                     vis = attn.visible(rows, m_lo, k_hi)[b]  # [c, K']
                     # a finite -1e30 instead of -inf: p = 0 there and p * log p stays 0, not NaN
                     logp[..., m_lo - k_lo:].add_(torch.zeros(vis.shape, device=dev).masked_fill_(~vis, -1e30))
+                if buf.numel() < logp.numel():  # spread-out queries under a window reach further back
+                    buf = torch.empty(logp.numel(), device=dev)
                 p = torch.exp(logp, out=buf[:logp.numel()].view(logp.shape))
                 p_sink = attn.sink_probs(b, rows)  # [H, c] or None: the learned sink's share
                 if "entropy" in want:

@@ -33,7 +33,10 @@ def sink_rate(source, texts: str | Sequence[str] | None = None, *, epsilon: floa
 
     `source` is either an `analyze()` result holding `token0_importance`, or a model; with a
     model, `texts` are analysed (one left-padded batch, each cut to `max_tokens` tokens: 64, as
-    Gu et al.; None = whole texts) for `token0_importance` first.
+    Gu et al.; None = whole texts) for `token0_importance` first. Gu et al.'s rule: every text
+    has at least 64 tokens (shorter ones raise alpha_0: fewer queries, each seeing fewer keys), so
+    a text shorter than `max_tokens` is refused; with max_tokens=None whole texts of any length
+    are measured. The texts' lengths are in attrs["n_tokens"] either way.
 
     Returns a Dataset: `token0_importance` (alpha_0, [sequence,] layer, head), `sink_rate_by_layer`
     (layer) and `sink_rate` (scalar): fractions of heads with alpha_0 > epsilon, thresholded per
@@ -48,6 +51,11 @@ def sink_rate(source, texts: str | Sequence[str] | None = None, *, epsilon: floa
             raise AttnscopeError("sink_rate(model, texts): give the texts to measure on")
         from attnscope.metrics.analyze import analyze
 
+        if max_tokens is not None:
+            _check_lengths(source, texts, max_tokens, analyze_kwargs.get("tokenizer"))
+        # alpha_0 uses every query from position 0 whatever the query selection: a text shorter
+        # than analyze's default first query (16) must not fail on that selection
+        analyze_kwargs.setdefault("min_query_position", 0)
         ds = analyze(source, texts, metrics=("token0_importance",), max_tokens=max_tokens,
                      **analyze_kwargs)
     if "token0_importance" not in ds:
@@ -63,5 +71,31 @@ def sink_rate(source, texts: str | Sequence[str] | None = None, *, epsilon: floa
         {"token0_importance": alpha, "sink_rate_by_layer": by_layer, "sink_rate": hit.mean()},
         attrs={"epsilon": float(epsilon), "model": ds.attrs.get("model", ""),
                "revision": ds.attrs.get("revision", ""), "n_tokens": n_tokens,
+               "gu_setting": _gu_setting(n_tokens),
                "definition": "fraction of (layer, head) with alpha_0 > epsilon; alpha_0 = mean "
                              "attention on token 0 over every query from position 0 (Gu et al. 2025)"})
+
+
+def _gu_setting(n_tokens) -> bool:
+    """Whether every text was measured at Gu et al.'s 64 tokens (n_tokens: an int or a JSON list)."""
+    import json
+
+    lengths = json.loads(n_tokens) if isinstance(n_tokens, str) and n_tokens else n_tokens
+    lengths = lengths if isinstance(lengths, list) else [lengths]
+    return bool(lengths) and all(n == GU_TOKENS for n in lengths)
+
+
+def _check_lengths(source, texts, max_tokens: int, tokenizer=None) -> None:
+    """Every text has at least `max_tokens` tokens (Gu et al.'s rule at 64): a shorter one would be
+    measured on fewer queries, each seeing fewer keys, which raises alpha_0."""
+    tok = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
+    if tok is None:
+        return  # analyze says that text needs a tokenizer
+    seqs = [texts] if isinstance(texts, str) else list(texts)
+    short = [(i, n) for i, t in enumerate(seqs) if (n := len(tok(t)["input_ids"])) < max_tokens]
+    if short:
+        listed = ", ".join(f"text {i}: {n}" for i, n in short[:5]) + (" ..." if len(short) > 5 else "")
+        raise AttnscopeError(
+            f"{len(short)} text(s) have fewer than max_tokens={max_tokens} tokens ({listed}); Gu et al. measure "
+            f"alpha_0 on {GU_TOKENS} tokens of each text, and shorter inputs raise it. Pass longer texts, or "
+            "max_tokens=None to measure whole texts of any length (their lengths are recorded in n_tokens)")

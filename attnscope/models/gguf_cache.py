@@ -22,7 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from attnscope.files import make_private_dir_public, write_json_atomic
+from attnscope.errors import AttnscopeError, ModelNotFoundError
+from attnscope.files import follow_umask, make_private_dir_public, write_json_atomic
 
 MARKER = "attnscope-gguf.json"  # written last: a folder without it is incomplete
 _LEGACY_NAME = re.compile(r"^(?P<stem>.+)-(?P<key>[0-9a-f]{16})$")
@@ -35,6 +36,27 @@ def cache_root() -> Path:
 
 def _gguf_root() -> Path:
     return cache_root() / "gguf"
+
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
+def check_gguf_file(path: Path) -> None:
+    """A .gguf path must be a GGUF file (its magic bytes), checked before anything reads it: a
+    file of another kind would otherwise fail deep inside transformers' parser."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if head != GGUF_MAGIC:
+        raise ModelNotFoundError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+                                 "pass a .gguf model file, a model folder or a Hub id")
+
+
+def _cache_error(exc: OSError) -> AttnscopeError:
+    return AttnscopeError(f"cannot use attnscope's cache {cache_root()} ({exc.strerror or exc}: {exc.filename}); "
+                          "set ATTNSCOPE_CACHE to a writable folder")
 
 
 def file_digest(path: Path) -> str:
@@ -138,6 +160,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    follow_umask(out)  # save_pretrained writes model.safetensors 0600: a shared cache must be readable
 
 
 def convert_gguf(gguf_path: Path) -> Path:
@@ -145,11 +168,17 @@ def convert_gguf(gguf_path: Path) -> Path:
     from filelock import FileLock
 
     gguf_path = Path(gguf_path)
+    check_gguf_file(gguf_path)
     target = gguf_cache_dir(gguf_path)
     if _complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as exc:  # ATTNSCOPE_CACHE (or ~/.cache) is a file, read-only, ...
+        raise _cache_error(exc) from None
+    try:
         if _complete(target):
             return target
         digest = file_digest(gguf_path)
@@ -157,9 +186,18 @@ def convert_gguf(gguf_path: Path) -> Path:
             return target
         tmp = _new_folder(target)
         try:
-            _convert(gguf_path, tmp)
+            try:
+                _convert(gguf_path, tmp)
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise _cache_error(exc) from None  # the disk, not the file
+                raise ModelNotFoundError(f"{gguf_path} could not be converted: transformers cannot read it as a "
+                                         f"model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                                         ) from exc
             _publish(tmp, target, {"gguf": str(gguf_path), "sha256": digest,
                                    "size": gguf_path.stat().st_size})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
     return target

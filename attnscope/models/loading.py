@@ -23,7 +23,7 @@ from attnscope.errors import (
     RevisionNotFoundError,
 )
 from attnscope.validate import check_device
-from attnscope.models.gguf_cache import cache_root, convert_gguf, gguf_cache_dir  # noqa: F401  (public)
+from attnscope.models.gguf_cache import cache_root, check_gguf_file, convert_gguf, gguf_cache_dir  # noqa: F401
 from attnscope.models.names import (  # noqa: F401  (public names, kept importable from here)
     ALIASES,
     SMOLLM2_FILE,
@@ -90,6 +90,7 @@ def resolve(model: str, revision: str | None = None) -> tuple[str, str, str]:
     name = resolve_name(model)
     if name.kind == "gguf":
         _no_revision(model, revision, "the embedded model" if model.lower() in ALIASES else "a GGUF file")
+        check_gguf_file(Path(name.target))
     elif name.kind == "local":
         _no_revision(model, revision, "a local folder")
     return name.kind, name.target, name.display
@@ -102,7 +103,7 @@ def _no_revision(model: str, revision: str | None, what: str) -> None:
 
 
 def model_limits(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> dict:
-    """What the model's config declares, read without loading weights: {"n_layers",
+    """What the model's config declares, read without loading weights: {"n_layers", "n_heads",
     "max_positions"} (values None when not declared). Checks the name, the revision rule of
     `resolve` and the remote-code rule on the way. A GGUF file not yet converted gives {}."""
     source, path, _ = resolve(model, revision)
@@ -114,7 +115,8 @@ def model_limits(model: str, revision: str | None = None, *, trust_remote_code: 
     raw = read_raw_config(source, path, revision)
     check_remote_code(raw, path, trust_remote_code)
     cfg = raw.get("text_config", raw)
-    return {"n_layers": cfg.get("num_hidden_layers"), "max_positions": cfg.get("max_position_embeddings")}
+    return {"n_layers": cfg.get("num_hidden_layers"), "n_heads": cfg.get("num_attention_heads"),
+            "max_positions": cfg.get("max_position_embeddings")}
 
 
 def _hub_error(exc: Exception, model: str, revision: str | None) -> AttnscopeError:

@@ -375,11 +375,18 @@ def _place(stream: _Stream, end: int, needles: list[_Needle], tok_at: Callable[[
 def check_grid(spec: ProbeSpec, lengths: Sequence[int] | None = None, depths: Sequence[float] | None = None,
                seeds: Sequence[int] | None = None, max_context: int | None = None):
     """The grid (the spec's unless overridden) as (lengths, depths, seeds), each value checked:
-    lengths integers >= 16 and within `max_context`, depths in [0, 1], seeds >= 0 and distinct.
+    lengths integers >= 16 and within `max_context`, depths in [0, 1], seeds >= 0; none empty,
+    none repeated.
     Needs no tokenizer, so callers run it before a model loads."""
     lengths = list(spec.grid.lengths if lengths is None else lengths)
     depths = list(spec.grid.depths if depths is None else depths)
     seeds = check_seeds(spec.seeds if seeds is None else seeds)
+    for name, values in (("lengths", lengths), ("depths", depths)):
+        if not values:
+            raise ProbeBuildError(f"no {name} given: the grid needs at least one")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # a repeat would measure one grid point twice (and collide in the result)
+            raise ProbeBuildError(f"{name} {values} repeat {', '.join(f'{v:g}' for v in repeated)}; give each once")
     for L in lengths:
         if isinstance(L, bool) or not isinstance(L, int) or L < 16:
             raise ProbeBuildError(f"length {L!r} is not an integer >= 16 (tokens)")

@@ -439,9 +439,14 @@ def _grid(lm, spec: ProbeSpec, prompts: Sequence[Prompt], parts: list[xr.Dataset
                                                      seed=("prompt", [p.seed]))
              for i, (p, ds) in enumerate(zip(prompts, parts))]
     out = xr.concat(parts, dim="prompt").set_index(prompt=["length", "depth", "seed"]).unstack("prompt")
+    from attnscope.tokens.ablate import current_edit
+
+    edit = current_edit(lm.model)
     out.attrs.update({
         "model": lm.name, "revision": lm.revision or "", "probe": spec.name,
         "probe_hash": spec.content_hash, "task": spec.task, "sink_tokens": sink_tokens,
+        # as analyze records it: an edited grid is told from an unedited one
+        "attention_edit": edit.describe() if edit is not None else "none",
         "answers": json.dumps({f"{p.length}/{p.depth_requested}/{p.seed}": p.answer for p in prompts}),
     })
     return out

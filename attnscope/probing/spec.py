@@ -192,6 +192,9 @@ def parse_spec(data: dict, source: str = "<spec>") -> ProbeSpec:
                    for x in depths)):
         raise c.fail("grid.depths", depths, "expected a non-empty list of numbers in [0, 1] "
                      "(fraction of the haystack before the needle)")
+    for fld, values in (("grid.lengths", lengths), ("grid.depths", depths)):
+        if len(set(values)) != len(values):  # a repeat would measure one grid point twice
+            raise c.fail(fld, values, "values must be distinct")
     tol = g.get("depth_tolerance", 0.05)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol <= 0.5:
         raise c.fail("grid.depth_tolerance", tol, "expected a number in (0, 0.5]")
@@ -203,6 +206,13 @@ def parse_spec(data: dict, source: str = "<spec>") -> ProbeSpec:
     if task == "natural_text" and htype != "prose":
         raise c.fail("haystack.type", htype, "task 'natural_text' needs haystack.type = 'prose'")
     text = c.string(h, "text", "haystack.text", default="loc_workshop", nonempty=True)
+    if htype == "prose":  # checked here, before any model loads, not once per task after it
+        from attnscope.probing.texts import available_texts
+
+        shipped = available_texts()
+        if text not in shipped and not Path(text).expanduser().is_file():
+            raise c.fail("haystack.text", text, f"neither a shipped text ({', '.join(shipped)}) nor an existing "
+                         "file (a path is read from the current folder)")
     noise = c.string(h, "noise", "haystack.noise", default=DEFAULT_NOISE, nonempty=True)
     haystack = HaystackSpec(htype, text, noise)
 

@@ -83,6 +83,10 @@ def write_report(source=None, out: str | Path = "attnscope-report", *, score: st
     atomically; other files stay)."""
     from attnscope.report.figures import interactive_figures
 
+    from attnscope.validate import check_count
+
+    check_count("n_resamples", n_resamples, none_ok=False)  # scipy's bootstrap needs >= 1
+    check_count("seed", seed, minimum=0, none_ok=False)
     out = Path(out)
     check_output_dir(out, overwrite=overwrite)
     rep = build_report(source, score=score, revision=revision, probe=probe, n_resamples=n_resamples, seed=seed)

@@ -10,6 +10,7 @@ Group layout (result schema 2; schema 1 = the same without checksums, still read
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from attnscope.errors import CorruptDataError, StoreError
+from attnscope.files import write_reserved
 from attnscope.store import checksum
 from attnscope.store.files import atomic_output, check_output_file
 
@@ -131,16 +133,32 @@ def _read_dataset(group: h5py.Group) -> xr.Dataset:
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
+def result_image(ds: xr.Dataset) -> memoryview:
+    """The bytes of a result file holding `ds`, built in memory: written to disk as plain bytes
+    (attnscope.files.write_reserved), a full disk is an exception, not h5py's crash."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", libver=LIBVER) as f:
+        write_dataset(f, ds)
+    return buf.getbuffer()
+
+
 def save_result(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write one result to its own HDF5 file, atomically (a crash never leaves half a file).
 
     An existing file is replaced only with `overwrite=True`, and a batch store never; a symlink
-    is written through. Returns `path`."""
-    real = check_output_file(path, overwrite=overwrite)
-    with atomic_output(real, overwrite=overwrite) as tmp:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            write_dataset(f, ds)
+    is written through. A full disk raises NoSpaceError (nothing is left behind). Returns `path`."""
+    write_result(ds, check_output_file(path, overwrite=overwrite), overwrite=overwrite)
     return Path(path)
+
+
+def write_result(ds: xr.Dataset, real: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`save_result` for a path already checked (`check_output_file`) before the result was
+    computed: if the path was taken meanwhile, the new result is kept under its temporary name
+    and the OutputExistsError says where, so a long computation is never thrown away."""
+    data = result_image(ds)
+    with atomic_output(real, overwrite=overwrite) as tmp:
+        write_reserved(tmp, data)
+    return Path(real)
 
 
 def open_h5(path: str | os.PathLike, mode: str = "r") -> h5py.File:

@@ -31,6 +31,7 @@ aside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,11 +47,12 @@ import pandas as pd
 import xarray as xr
 
 from attnscope.errors import CorruptDataError, StoreError
-from attnscope.files import atomic_path, write_json_atomic
+from attnscope.files import atomic_path, no_space_left, reserve, write_json_atomic, write_reserved
 from attnscope.store import checksum
 from attnscope.store.files import (atomic_output, check_output_file, default_file_mode, fsync_dir,
                                    fsync_file)
-from attnscope.store.hdf5 import H5_ERRORS, LIBVER, describe_h5_error, read_dataset, schema_of, write_dataset
+from attnscope.store.hdf5 import (H5_ERRORS, LIBVER, describe_h5_error, read_dataset, result_image, schema_of,
+                                  write_dataset)
 
 STORE_KIND = "store"
 STORE_SCHEMA = 2
@@ -80,12 +82,21 @@ def _hint(path: Path) -> str:
             "store moves them aside (nothing is deleted) and measures them again")
 
 
-def _check_store_file(f: h5py.File, path: Path) -> None:
+def _what_to_do(for_writing: bool) -> str:
+    """The end of a message about a file that is no usable store: a reader (verify, report,
+    figures) is told to check the path, a writer (extract) to write elsewhere."""
+    if for_writing:
+        return "attnscope never overwrites it: move it away or pass another --out path"
+    return "check the path: it should name a store that `attnscope extract` wrote"
+
+
+def _check_store_file(f: h5py.File, path: Path, for_writing: bool = False) -> None:
     kind = f.attrs.get("attnscope_kind")
     if kind != STORE_KIND:
         what = f"an attnscope {kind!r} file" if kind else "an HDF5 file that attnscope did not write"
-        raise StoreError(f"{path} is {what}, not an attnscope batch store; attnscope neither uses it as a "
-                         "store nor overwrites it (for extract: pass another --out path)")
+        raise StoreError(f"{path} is {what}, not an attnscope batch store; "
+                         + ("attnscope neither uses it as a store nor overwrites it: pass another --out path"
+                            if for_writing else _what_to_do(False)))
     try:
         schema = int(f.attrs.get("attnscope_store_schema", -1))
     except (TypeError, ValueError):
@@ -99,31 +110,30 @@ def _check_store_file(f: h5py.File, path: Path) -> None:
         try:
             checksum.check_attrs(f)
         except checksum.DigestMismatch as exc:
-            raise CorruptDataError(f"{path}: the store's own attributes are corrupt ({exc}); attnscope "
-                                   "never overwrites it: move it away or pass another --out path") from None
+            raise CorruptDataError(f"{path}: the store's own attributes are corrupt ({exc}); "
+                                   f"{_what_to_do(for_writing)}") from None
     missing = [g for g in (TASKS, FAILURES) if not isinstance(f.get(g), h5py.Group)]
     if missing:
         raise CorruptDataError(f"{path} is marked as an attnscope store but has no {'/'.join(missing)} "
-                               "group: damaged or not written by attnscope; attnscope never overwrites it: "
-                               "move it away or pass another --out path")
+                               f"group: damaged or not written by attnscope; {_what_to_do(for_writing)}")
 
 
-def _open_store_file(path: Path) -> h5py.File:
+def _open_store_file(path: Path, for_writing: bool = False) -> h5py.File:
+    """The store file open for reading, checked; `for_writing`: errors advise a writer (extract)."""
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise StoreError(f"{path} exists but is not a readable HDF5 file ({exc}); it is corrupt or "
-                         "of another format. attnscope never overwrites it: move it away or pass "
-                         "another --out path") from exc
+                         f"of another format. {_what_to_do(for_writing)}") from exc
     try:
-        _check_store_file(f, path)
+        _check_store_file(f, path, for_writing)
     except StoreError:
         f.close()
         raise
     except H5_ERRORS as exc:
         f.close()
-        raise CorruptDataError(f"{path} is a damaged HDF5 file ({type(exc).__name__}: {exc}); attnscope "
-                               "never overwrites it: move it away or pass another --out path") from exc
+        raise CorruptDataError(f"{path} is a damaged HDF5 file ({type(exc).__name__}: {exc}); "
+                               f"{_what_to_do(for_writing)}") from exc
     return f
 
 
@@ -176,9 +186,13 @@ def _pending_files(side: Path) -> list[_Pending]:
 
 
 def _new_store(path: Path) -> None:
+    """An empty store at `path`, built in memory and written as bytes (a full disk: NoSpaceError)."""
+    import io
+
     from attnscope import __version__
 
-    with h5py.File(path, "w", libver=LIBVER) as f:
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", libver=LIBVER) as f:
         f.attrs["attnscope_kind"] = STORE_KIND
         f.attrs["attnscope_store_schema"] = STORE_SCHEMA
         f.attrs["attnscope_version"] = __version__
@@ -186,6 +200,26 @@ def _new_store(path: Path) -> None:
         checksum.seal_attrs(f)
         f.create_group(TASKS)
         f.create_group(FAILURES)
+    write_reserved(path, buf.getbuffer())
+
+
+# Space reserved in a store's copy before h5py appends to it: h5py crashes on a full disk (exit
+# 139) instead of raising, so the bytes it will write are allocated first (HDF5 writes new
+# objects at the end of its data and truncates the file to that end when it closes).
+_APPEND_SLACK = 1 << 20
+
+
+def _reserve_append(path: Path, incoming: int) -> None:
+    """Allocate room in `path` for `incoming` bytes of HDF5 objects (twice that, plus 1 MiB, for
+    the metadata of the copy); a full disk is a NoSpaceError before h5py writes anything."""
+    size = path.stat().st_size
+    extra = 2 * incoming + _APPEND_SLACK
+    with no_space_left(path, size + extra):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            reserve(fd, size, extra)
+        finally:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------- verification
@@ -321,7 +355,7 @@ class StoreWriter:
         if self.path.is_dir():
             raise StoreError(f"--out {path} is a folder; give a file path such as {Path(path) / 'store.h5'}")
         if self.path.exists():
-            with _open_store_file(self.path) as f:  # corrupt or foreign: a clear error, never overwritten
+            with _open_store_file(self.path, for_writing=True) as f:  # corrupt or foreign: never overwritten
                 schema = _store_schema(f)
             if schema < STORE_SCHEMA:
                 raise StoreError(f"{self.path} is a store of schema {schema} (written before stores had "
@@ -403,9 +437,9 @@ class StoreWriter:
         if key in self._done:
             return
         target = self.side / f"{key}.h5"
+        data = result_image(ds)
         with atomic_path(target) as tmp:
-            with h5py.File(tmp, "w", libver=LIBVER) as f:
-                write_dataset(f, ds)
+            write_reserved(tmp, data)
         self._done.add(key)
         self._failed.discard(key)
         self._pending_bytes += target.stat().st_size
@@ -444,11 +478,13 @@ class StoreWriter:
         tmp = Path(tmp_name)
         try:
             if self.path.exists():
-                shutil.copyfile(self.path, tmp)
+                with no_space_left(tmp, self.path.stat().st_size):
+                    shutil.copyfile(self.path, tmp)
                 mode = self.path.stat().st_mode & 0o777  # the store keeps the mode it has
             else:
                 _new_store(tmp)
                 mode = default_file_mode()
+            _reserve_append(tmp, sum(p.path.stat().st_size for p in pending))
             with h5py.File(tmp, "a", libver=LIBVER) as dst:
                 for where, key in quarantine:  # a link move: the damaged bytes are not even read
                     name, n = key, 1
@@ -494,6 +530,8 @@ class StoreWriter:
             self.close()
         else:  # keep the committed task files; the next run consolidates them
             self._lock.release()
+            with contextlib.suppress(OSError):  # but no empty <store>.d/ from a run that saved nothing
+                self.side.rmdir()
 
 
 class Store:
@@ -727,8 +765,11 @@ def upgrade_store(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     if real == store.path:
         raise StoreError("upgrade writes a new file: give a destination other than the store itself")
     n = 0
+    incoming = sum(f.stat().st_size for f in [store.path, *(p.path for p in _pending_files(store.side))]
+                   if f.exists())
     with atomic_output(real) as tmp:
         _new_store(tmp)
+        _reserve_append(tmp, incoming)
         with h5py.File(tmp, "a", libver=LIBVER) as out:
             for key, status, attrs, _, file in list(store._sources()):
                 if status == "done":

@@ -202,10 +202,12 @@ class RegressionResult:
         }
 
     def to_markdown(self) -> str:
+        dropped = self.extra.get("dropped_constant")
         lines = [
             f"OLS: `{self.formula}`  ",
             f"n = {self.n_obs} tokens in {self.n_docs} documents, R² = {self.r_squared:.4f}, "
-            f"standard errors: {self.cov_type}",
+            f"standard errors: {self.cov_type}" + ("  " if dropped else ""),
+            *([f"left out (a single value on these tokens): {', '.join(dropped)}"] if dropped else []),
             "",
             "| term | coef | se | 95% CI | p |",
             "| --- | ---: | ---: | --- | ---: |",
@@ -225,6 +227,7 @@ def regress(
     alpha: float = 0.05,
     min_repeat: int = MIN_REPEAT,
     far: int | None = None,
+    drop_constant: bool = False,
 ) -> RegressionResult:
     """OLS ``value ~ 1 + categories + controls`` (statsmodels).
 
@@ -233,7 +236,8 @@ def regress(
     listed categories (baseline), holding the controls fixed. ``cov_type``:
     'cluster' (default; errors clustered by document, since tokens of one
     document are not independent), 'HC1' or 'nonrobust'. Rows with a missing
-    value are dropped; constant columns are rejected.
+    value are dropped; constant columns are rejected, or with ``drop_constant`` left out of the
+    fit and listed in ``extra["dropped_constant"]`` (a short corpus has no repeats, say).
     """
     import statsmodels.api as sm
 
@@ -247,8 +251,11 @@ def regress(
     ok = X.notna().all(axis=1) & y.notna()
     X, y = X[ok], y[ok]
     const = [c for c in cols if X[c].nunique() < 2]
-    if const:
-        raise AttnscopeError(f"regress: {const} take a single value on these tokens; leave them out")
+    if const and not drop_constant:
+        raise AttnscopeError(f"regress: {const} take a single value on these tokens; leave them out of "
+                             "categories=/controls=, or pass drop_constant=True")
+    cols = [c for c in cols if c not in const]
+    X = X[cols]
     Xc = sm.add_constant(X, has_constant="add")
     model = sm.OLS(y.to_numpy(), Xc)
     docs = table.loc[ok, "doc_id"]
@@ -276,7 +283,8 @@ def regress(
         n_docs=int(docs.nunique()),
         r_squared=float(fit.rsquared),
         cov_type=cov_type,
-        formula=f"{value} ~ 1 + " + " + ".join(cols),
+        formula=f"{value} ~ 1" + "".join(f" + {c}" for c in cols),
+        extra={"dropped_constant": const} if const else {},
     )
 
 

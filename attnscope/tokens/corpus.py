@@ -24,6 +24,10 @@ def read_corpus(path) -> tuple[dict[str, str], dict[str, str]]:
     p = Path(path)
     if not p.exists():
         raise AttnscopeError(f"corpus {p} does not exist")
+    if not p.is_dir():
+        from attnscope.validate import regular_file
+
+        regular_file(p, "corpus")  # /dev/zero or a FIFO would be read forever
     docs: dict[str, str] = {}
     kinds: dict[str, str] = {}
     if p.is_dir():

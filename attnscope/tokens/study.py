@@ -15,7 +15,7 @@ from attnscope.tokens.categories import annotate
 from attnscope.tokens.figures import plot_category_gaps, plot_gap_vs_repeat
 from attnscope.tokens.losses import compare, normalize_documents
 
-__all__ = ["run_study", "write_table"]
+__all__ = ["run_study", "write_table", "check_documents", "check_scorable"]
 
 MAIN_CATEGORIES = (
     "all", "content", "function", "pos_NOUN", "pos_VERB", "pos_ADJ", "pos_ADV", "pos_PROPN", "pos_PRON",
@@ -55,6 +55,23 @@ def check_documents(docs, source="the corpus") -> None:
         raise AttnscopeError(f"{source} holds {n} document(s); the token study needs at least {MIN_DOCUMENTS} "
                              "(its CIs resample documents, its regression clusters errors by document): "
                              "split the text into several files, or give a folder or a .jsonl")
+
+
+def check_scorable(docs, tokenizer, source="the corpus") -> None:
+    """Every document has a token to score under `tokenizer` (without a BOS a document's first
+    token has no context, so a one-token document has none). Needs only the tokenizer: the CLI
+    runs it before any model loads."""
+    from attnscope.tokens.losses import tokenize_document
+
+    empty = []
+    for doc_id, text in normalize_documents(docs):
+        d = tokenize_document(tokenizer, doc_id, text)
+        if len(d.ids) - (d.bos_id is None) < 1:
+            empty.append(f"{doc_id} ({len(d.ids)} token)")
+    if empty:
+        raise AttnscopeError(f"{source}: {len(empty)} document(s) have no token to score ({', '.join(empty[:5])}"
+                             f"{' ...' if len(empty) > 5 else ''}): a token's loss needs a token before it; remove "
+                             "these documents from the corpus or lengthen them")
 
 
 def _json_default(o):
@@ -113,6 +130,7 @@ def run_study(
     out = check_output_dir(out, overwrite=overwrite)
     docs = normalize_documents(documents)
     check_documents(docs)
+    check_scorable(docs, tok_a)
     out.mkdir(parents=True, exist_ok=True)
     table = compare(model_a, model_b, tok_a, tok_b, docs, ablate_b=edit, window=window, min_context=min_context,
                     batch_size=batch_size, progress=progress)
@@ -149,7 +167,9 @@ def run_study(
     wanted = ("content", "function", "open_bracket", "close_bracket")
     wanted += ("repeated_near", "repeated_far") if far is not None else ("repeated",)
     reg_cats = [c for c in wanted if c in ind and ind[c].nunique() > 1]
-    reg = regress(table, reg_cats, min_repeat=min_repeat, far=far)
+    # controls that do not vary on a short corpus (no repeats, one token length) are left out and
+    # listed in regression.md/json, as the categories above are, instead of failing after the compute
+    reg = regress(table, reg_cats, min_repeat=min_repeat, far=far, drop_constant=True)
     summary = {
         "model_a": label_a, "model_b": label_b, "gap": "loss_a - loss_b (nats; > 0: model B better)",
         "ablate_b": edit.describe() if edit is not None else None, "far": far,
