@@ -237,28 +237,6 @@ def _read_text(path: Path) -> str:
     return read_text_file(path, "text file")
 
 
-# Tokens beyond what is kept: a text read only in part is tokenised until its first N tokens no
-# longer change as more is read (a word cut at the end of a prefix changes only the last tokens).
-_TOKEN_MARGIN = 16
-
-
-def _read_tokens(tokenizer, prefixes, limit: Optional[int]) -> tuple[list[int], bool]:
-    """(token ids, whole text) of ever longer prefixes of a text (validate.text_prefixes), read
-    only until the first `limit` tokens are known: two prefixes, the second twice as long, both
-    with more than `limit` + a margin tokens and agreeing on the first `limit`. With no limit, or
-    a text that ends first, the whole text."""
-    earlier = None
-    for text, complete in prefixes:
-        ids = tokenizer(text)["input_ids"]
-        if complete:
-            return ids, True
-        if limit is not None and len(ids) > limit + _TOKEN_MARGIN:
-            if earlier is not None and earlier[:limit] == ids[:limit]:
-                return ids, False
-            earlier = ids
-    raise AssertionError("text_prefixes ends with the whole text")
-
-
 def _limits(model: str, revision, trust_remote_code: bool) -> dict:
     """The model's layers and context from its config (no weights loaded)."""
     from attnscope.models.loading import model_limits
@@ -273,7 +251,7 @@ def _preflight_tokens(model, revision, trust_remote_code, prefixes, max_tokens, 
     length, before the weights load. Messages name the command's flags."""
     from attnscope.capture.queries import QuerySelection
     from attnscope.errors import InputTooLongError, MemoryGuardError
-    from attnscope.metrics.analyze import PATTERN_LIMIT_BYTES
+    from attnscope.metrics.analyze import PATTERN_LIMIT_BYTES, read_tokens
     from attnscope.models.loading import load_tokenizer
     from attnscope.validate import check_edit_layers, check_sink_tokens
 
@@ -286,7 +264,7 @@ def _preflight_tokens(model, revision, trust_remote_code, prefixes, max_tokens, 
         raise AttnscopeError(f"{model} has no usable tokenizer ({type(exc).__name__}); save one next to "
                              "the weights") from None
     ctx = limits.get("max_positions")
-    ids, whole = _read_tokens(tokenizer, prefixes, max_tokens if max_tokens is not None else ctx)
+    ids, whole = read_tokens(tokenizer, prefixes, max_tokens if max_tokens is not None else ctx)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     elif ctx and len(ids) > ctx:

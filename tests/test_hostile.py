@@ -1092,3 +1092,28 @@ def test_run_probe_records_the_attention_edit(tiny):
     finally:
         attnscope.set_edit(lm.model, None)
     assert plain.attrs["attention_edit"] == "none" and edited.attrs["attention_edit"] == "window:4"
+
+
+def test_python_analyze_tokenises_only_what_max_tokens_needs(smollm2, prose):
+    """analyze(text=<a huge string>, max_tokens=N) gives the tokens of the whole text's first N
+    without tokenising all of it (the tokenizer never sees the text's far end)."""
+    import attnscope
+
+    seen = []
+    tok = smollm2.tokenizer
+
+    class Counting:
+        pad_token_id = tok.pad_token_id
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return tok(text, **kwargs)
+
+    text = prose * 40  # ~1.3 MB
+    ds = attnscope.analyze(smollm2.model, text, tokenizer=Counting(), max_tokens=64,
+                           metrics=("sink_mass",), progress=False)
+    assert max(seen) < len(text) // 10
+    want = tok(prose[:20000])["input_ids"][:64]
+    assert json.loads(ds.attrs["query_positions"])[-1] == 63 and ds.attrs["n_tokens"] == 64
+    got = attnscope.analyze(smollm2.model, token_ids=want, metrics=("sink_mass",), progress=False)
+    np.testing.assert_array_equal(ds.sink_mass.values, got.sink_mass.values)

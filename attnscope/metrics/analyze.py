@@ -49,6 +49,37 @@ def _resolve(model, tokenizer, backend):
     return resolve(model, tokenizer, backend)
 
 
+# Tokens beyond what is kept: a text read only in part is tokenised until its first N tokens no
+# longer change as more is read (a word cut at the end of a prefix changes only the last tokens).
+_TOKEN_MARGIN = 16
+
+
+def read_tokens(tokenizer, prefixes, limit: int | None) -> tuple[list[int], bool]:
+    """(token ids, whole text) of ever longer prefixes of a text (`string_prefixes`, or
+    validate.text_prefixes for a file), tokenised only until the first `limit` tokens are known:
+    two prefixes, the second twice as long, both with more than `limit` + a margin tokens and
+    agreeing on the first `limit`. With no limit, or a text that ends first, the whole text."""
+    earlier = None
+    for text, complete in prefixes:
+        ids = tokenizer(text)["input_ids"]
+        if complete:
+            return ids, True
+        if limit is not None and len(ids) > limit + _TOKEN_MARGIN:
+            if earlier is not None and earlier[:limit] == ids[:limit]:
+                return ids, False
+            earlier = ids
+    raise AssertionError("the prefixes end with the whole text")
+
+
+def string_prefixes(text: str, first: int):
+    """(prefix, complete) of `text`: `first` characters, then twice as many, ..., then all of it."""
+    size = first
+    while size < len(text):
+        yield text[:size], False
+        size *= 2
+    yield text, True
+
+
 def _tokenize(tokenizer, text, token_ids, max_tokens) -> list[list[int]]:
     if (text is None) == (token_ids is None):
         raise AttnscopeError("pass exactly one of text= or token_ids=")
@@ -56,7 +87,11 @@ def _tokenize(tokenizer, text, token_ids, max_tokens) -> list[list[int]]:
         if tokenizer is None:
             raise AttnscopeError("text needs a tokenizer: pass tokenizer= or a LoadedModel")
         texts = [text] if isinstance(text, str) else list(text)
-        seqs = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        # with max_tokens, a long text is tokenised only as far as its first max_tokens need
+        # (a 40 MB string and max_tokens=64 costs a few KB of tokenising, not 6 GB)
+        first = None if max_tokens is None else max(4096, 16 * max_tokens)
+        seqs = [tokenizer(t, add_special_tokens=True)["input_ids"] if first is None or len(t) <= first
+                else read_tokens(tokenizer, string_prefixes(t, first), max_tokens)[0] for t in texts]
     else:
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
         seqs = [list(ids)] if ids and isinstance(ids[0], (int, np.integer)) else [list(s) for s in ids]
