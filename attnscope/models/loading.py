@@ -105,8 +105,9 @@ def _no_revision(model: str, revision: str | None, what: str) -> None:
 def model_limits(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> dict:
     """What the model's config declares, read without loading weights: {"n_layers", "n_heads",
     "max_positions"} (values None when not declared). Checks the name, the revision rule of
-    `resolve` and the remote-code rule on the way. A GGUF file not yet converted gives {}."""
-    source, path, _ = resolve(model, revision)
+    `resolve`, the remote-code rule and the family (a family attnscope cannot measure is refused
+    here: docs/families.md) on the way. A GGUF file not yet converted gives {}."""
+    source, path, display = resolve(model, revision)
     if source == "gguf":
         cached = gguf_cache_dir(Path(path))
         if not (cached / "attnscope-gguf.json").is_file():
@@ -114,6 +115,8 @@ def model_limits(model: str, revision: str | None = None, *, trust_remote_code: 
         source, path = "local", str(cached)
     raw = read_raw_config(source, path, revision)
     check_remote_code(raw, path, trust_remote_code)
+    _check_family(load_config(source, path, revision, trust_remote_code, raw=raw), display,
+                  trust_remote_code)
     cfg = raw.get("text_config", raw)
     return {"n_layers": cfg.get("num_hidden_layers"), "n_heads": cfg.get("num_attention_heads"),
             "max_positions": cfg.get("max_position_embeddings")}
