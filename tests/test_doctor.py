@@ -6,6 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from test_families import off_by_a_little_engine  # noqa: F401 (a fixture)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
@@ -77,6 +79,25 @@ def test_doctor_passes_healthy_tiny_models(ckpt, kind):
         assert report.get("window_layout")[0].status == "pass"
     else:
         assert not windows and not report.get("window_layout")
+
+
+def test_doctor_checks_parity_with_eager_and_catches_a_wrong_engine(ckpt, off_by_a_little_engine):
+    """eager_parity runs attnscope.conformance on the first 48 tokens: a 1% error in the
+    attention function's scale fails it (the healthy runs above pass it)."""
+    report = doctor(str(ckpt("llama")))
+    parity = report.get("eager_parity")[0]
+    assert parity.status == "fail" and "WRONG" in parity.explanation and not report.ok
+
+
+@pytest.mark.parametrize("kind", ["llama", "olmo3"])
+def test_doctor_parity_passes_and_leaves_the_model_on_attnscope(ckpt, kind):
+    import attnscope
+
+    lm = attnscope.load(str(ckpt(kind)))
+    parity = doctor(lm).get("eager_parity")[0]
+    assert parity.status == "pass", parity.explanation
+    assert parity.measured["analyze.entropy"] <= 1e-5 and parity.measured["logits.logits"] <= 1e-4
+    assert lm.model.config._attn_implementation == "attnscope"
 
 
 def test_loss_check_matches_plain_transformers_loss(ckpt):

@@ -38,7 +38,7 @@ _STATUSES = ("skip", "pass", "warn", "fail")  # in order of severity
 class Check:
     """One check: what was measured, what was expected, and what the difference means."""
 
-    name: str  # rope_theta | window_layout | window | window_output | weights | loss | registry | feature:<x>
+    name: str  # rope_theta | window_layout | window | window_output | weights | loss | eager_parity | registry | feature:<x>
     scope: str  # "model", a layer type, or "layer <i>"
     status: str  # pass | warn | fail | skip
     measured: Any
@@ -431,6 +431,35 @@ def _window_checks(lm, ids, info, tol) -> tuple[list[Check], torch.Tensor]:
     return out, logits
 
 
+PARITY_TOKENS = 48  # a short prefix: eager attention's maps are built whole
+
+
+def _parity_check(lm, ids) -> Check:
+    """attnscope against the model's own eager attention on the first tokens
+    (attnscope.conformance.check_model: statistics per attention call and logits, with and
+    without a capture), with attnscope's declared windows off, so that both compute the model's
+    own mask (the window checks above judge the windows). fp32 only: the tolerances are fp32's."""
+    from attnscope.capture.interface import ATTN_IMPLEMENTATION, windows_disabled
+    from attnscope.conformance import EXACT, LOGIT_TOL, STAT_TOL, check_model
+
+    if lm.dtype != torch.float32:
+        return Check("eager_parity", "model", "skip", None, None,
+                     f"checked in float32 only (loaded as {str(lm.dtype).replace('torch.', '')})")
+    n = min(PARITY_TOKENS, ids.shape[1])
+    if n <= 16:
+        return Check("eager_parity", "model", "skip", n, "> 16 tokens", "too few tokens to compare")
+    try:
+        with windows_disabled(lm.model):
+            result = check_model(lm.model, ids[:, :n], name=lm.name, through_load=False)
+    finally:
+        lm.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    expected = {"statistics": STAT_TOL, "logits": LOGIT_TOL}
+    status = "pass" if result.status == EXACT else "fail"
+    why = (f"attnscope equals eager attention on {n} tokens" if status == "pass"
+           else f"{result.status}: {result.reason}")
+    return Check("eager_parity", "model", status, _jsonable(result.errors), expected, why)
+
+
 def _loss_check(logits, ids, *, vocab: int, source: str, max_loss: float,
                 reference_loss: float | None, loss_margin: float) -> Check:
     loss = _loss(logits, ids)
@@ -472,7 +501,9 @@ def doctor(
     windows and with the model's native kernel; logits with vs without attnscope's windows;
     missing/unexpected/re-initialised weights at load; features read off the modules against the
     OlmPool registry (matched by Hub name, or ``as_name``); next-token loss on ``text`` (default:
-    shipped English prose) against ``max_loss`` nats, or ``reference_loss + loss_margin``.
+    shipped English prose) against ``max_loss`` nats, or ``reference_loss + loss_margin``;
+    attnscope's statistics and logits against the model's own eager attention on the first
+    48 tokens (``eager_parity``, fp32).
     Returns a :class:`DoctorReport`; ``report.ok`` is False when a check failed.
     """
     from attnscope.models.loading import LoadedModel, load
@@ -506,6 +537,7 @@ def doctor(
     tol = WINDOW_TOL if lm.dtype == torch.float32 else WINDOW_TOL_HALF
     window_checks, logits = _window_checks(lm, ids, info, tol)
     report.checks += window_checks
+    report.checks.append(_parity_check(lm, ids))
     if lm.tokenizer is None:
         report.checks.append(Check("loss", "model", "skip", None, None,
                                    "the model has no tokenizer: no text to score"))
