@@ -219,10 +219,11 @@ def _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tok
     return names, parse_ablation(ablate) if ablate else None, _parse_span(span)
 
 
-def _check_out_file(out, overwrite: bool) -> Optional[Path]:
+def _check_out_file(out, overwrite: bool, **kind) -> Optional[Path]:
+    """--out checked before anything loads; `kind`: suffixes= and kind= of a non-HDF5 output."""
     from attnscope.store.files import check_output_file
 
-    return None if out is None else check_output_file(out, overwrite=overwrite)
+    return None if out is None else check_output_file(out, overwrite=overwrite, **kind)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> Path:

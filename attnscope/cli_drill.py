@@ -99,7 +99,7 @@ def drill_cmd(
         parse_positions(queries, "--queries", n_tokens=1)  # the syntax; the range once tokenized
         layer_list = None if layers is None else parse_positions(layers, "--layers")
         _common_checks(dtype, device, kernel, max_tokens)
-        out = _check_out_file(out, overwrite)
+        out = _check_out_file(out, overwrite, suffixes=(".html", ".htm"), kind="an HTML page")
         text = _read_text(text_file)
         shape = _model_shape(model, revision, trust_remote_code)
         check_layer_head(layer_list, None, shape.get("n_layers"), None)
@@ -161,8 +161,8 @@ def decompose_cmd(
         _common_checks(dtype, device, kernel, max_tokens)
         if out.suffix.lower() not in (".png", ".pdf", ".svg"):
             raise AttnscopeError(f"--out {out}: write the figure as .png, .pdf or .svg")
-        out = _check_out_file(out, overwrite)
-        _check_out_file(sidecar_path(out), overwrite)
+        out = _check_out_file(out, overwrite, suffixes=(".png", ".pdf", ".svg"), kind="a figure")
+        _check_out_file(sidecar_path(out), overwrite, suffixes=(".json",), kind="the figure's numbers")
         text = _read_text(text_file)
         shape = _model_shape(model, revision, trust_remote_code)
         check_layer_head([layer], [head], shape.get("n_layers"), shape.get("n_heads"))

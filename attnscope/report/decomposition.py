@@ -127,8 +127,9 @@ def write_decomposition(dec: ScoreDecomposition, path: str | Path, *, command: s
         from attnscope.errors import AttnscopeError
 
         raise AttnscopeError(f"--out {path}: the sidecar would overwrite the figure; use .png, .pdf or .svg")
-    real = check_output_file(path, overwrite=overwrite)
-    real_side = check_output_file(side, overwrite=overwrite, option="--out (its JSON sidecar)")
+    real = check_output_file(path, overwrite=overwrite, suffixes=(".png", ".pdf", ".svg"), kind="a figure")
+    real_side = check_output_file(side, overwrite=overwrite, option="--out (its JSON sidecar)",
+                                  suffixes=(".json",), kind="the figure's numbers")
     fig = decomposition_figure(dec, source=f"made by: {command}" if command else "")
     meta = {"png": {"Title": "score decomposition", "Description": command, "Software": f"attnscope {__version__}"},
             "pdf": {"Title": "score decomposition", "Subject": command, "Creator": f"attnscope {__version__}"},

@@ -66,7 +66,7 @@ def render_drilldown(ds: xr.Dataset, *, command: str = "") -> str:
 
 def write_drilldown(ds: xr.Dataset, path: str | Path, *, command: str = "", overwrite: bool = False) -> Path:
     """Write the page to `path` (atomically); an existing file is replaced only with `overwrite`."""
-    real = check_output_file(path, overwrite=overwrite)
+    real = check_output_file(path, overwrite=overwrite, suffixes=(".html", ".htm"), kind="an HTML page")
     page = render_drilldown(ds, command=command)
     with atomic_output(real, overwrite=overwrite) as tmp:
         tmp.write_text(page, encoding="utf-8")

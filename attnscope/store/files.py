@@ -93,14 +93,14 @@ def _check_name_lengths(shown: Path, real: Path, option: str, extra: int) -> Non
                                 f"{limit} bytes per name{room}")
 
 
-def _check_hdf5_name(path, shown: Path, option: str) -> None:
+def _check_hdf5_name(path, shown: Path, option: str, suffixes=HDF5_SUFFIXES, kind: str = "an HDF5 file") -> None:
     if str(path).endswith(("/", os.sep)):
         raise OutputExistsError(f"{option} {path} names a folder; give a file path such as "
-                                f"{shown / 'result.h5'}")
-    if shown.suffix.lower() not in HDF5_SUFFIXES:
+                                f"{shown / ('result' + suffixes[0])}")
+    if shown.suffix.lower() not in suffixes:
         what = f"not {shown.suffix!r}" if shown.suffix else "not a name without one"
-        raise OutputExistsError(f"{option} {shown}: attnscope writes an HDF5 file here; give a name ending in "
-                                f"{' or '.join(HDF5_SUFFIXES)} ({what})")
+        raise OutputExistsError(f"{option} {shown}: attnscope writes {kind} here; give a name ending in "
+                                f"{' or '.join(suffixes)} ({what})")
 
 
 def check_store_path(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -129,15 +129,17 @@ def _check_parent(shown: Path, real: Path, option: str) -> None:
         raise OutputExistsError(f"{option} {shown}: cannot write in {base} (permission denied)")
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, option: str = "--out",
+                      suffixes: tuple[str, ...] = HDF5_SUFFIXES, kind: str = "an HDF5 file") -> Path:
     """Check an output file path before any compute; return the real path to write (symlinks
-    resolved). Raises OutputExistsError (StoreError for a batch store) with a one-line reason."""
+    resolved). Raises OutputExistsError (StoreError for a batch store) with a one-line reason.
+    `suffixes`: the names the output's kind may have (an HDF5 result by default)."""
     shown = Path(path).expanduser()
     real = shown.resolve()
     _check_name_lengths(shown, real, option, _TEMP_EXTRA + len(real.suffix))
     if real.is_dir():
         raise OutputExistsError(f"{option} {shown} is a folder; give a file path such as {shown / 'result.h5'}")
-    _check_hdf5_name(path, shown, option)
+    _check_hdf5_name(path, shown, option, suffixes, kind)
     if is_batch_store(real):
         raise StoreError(f"{option} {shown} is an attnscope batch store; no command replaces a store "
                          "(not even with --overwrite): choose another path")
