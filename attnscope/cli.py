@@ -310,7 +310,7 @@ def _print_summary(ds, top: int = 10) -> None:
     out = _stdout()
     table = Table(title=f"{ds.attrs['model']} — {ds.attrs['n_tokens']} tokens, queries {ds.attrs['queries']}")
     table.add_column("layer", justify="right")
-    cols = [m for m in ("sink_mass", "token0_mass", "span_mass", "entropy", "mean_distance") if m in ds]
+    cols = [m for m in ("sink_mass", "token0_mass", "learned_sink_mass", "span_mass", "entropy", "mean_distance") if m in ds]
     for m in cols:
         table.add_column(f"mean {m}", justify="right")
     if "sink_mass" in ds:
