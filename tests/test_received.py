@@ -258,3 +258,31 @@ def test_bad_flow_arguments_are_one_clear_error(smollm2, held_out):
             (dict(metrics=("kept_mass",)), "kept_mass needs policies")):
         with pytest.raises(AttnscopeError, match=words):
             attnscope.analyze(smollm2, token_ids=ids, **kwargs)
+
+
+def test_run_probe_span_to_span_matches_eager(smollm2):
+    """NIAH prompts know their spans: question / haystack / needle / final -> sink / needle /
+    needle value / question, from the prompt's own forward."""
+    from attnscope.probing.builder import build_prompts
+    from attnscope.probing.spec import load_spec
+
+    ds = attnscope.run_probe(smollm2, "niah_single", lengths=[256], depths=[0.5], seeds=[0], decode=False,
+                             layers=[0, 15, 29])
+    assert list(ds.query_span.values) == ["question", "haystack", "needle", "final"]
+    assert list(ds.key_span.values) == ["sink", "needle", "needle_value", "question"]
+    prompt = build_prompts(load_spec("niah_single"), smollm2.tokenizer, lengths=[256], depths=[0.5], seeds=[0])[0]
+    maps = eager_maps(smollm2.model, torch.tensor([prompt.token_ids]))
+    spans = dict(prompt.spans, final=(255, 256), sink=(0, 4))
+    got = ds.span_to_span.sel(length=256, depth=0.5, seed=0)
+    for layer in (0, 15, 29):
+        P = maps[layer][0].astype(np.float64)
+        for a in got.query_span.values:
+            q0, q1 = spans[str(a)]
+            for k in got.key_span.values:
+                k0, k1 = spans[str(k)]
+                want = P[:, q0:q1, k0:k1].sum(-1).mean(-1)
+                assert np.abs(got.sel(layer=layer, query_span=a, key_span=k).values - want).max() <= ATOL
+    # the final query's needle-value mass is the needle share of the `final` query set
+    np.testing.assert_allclose(got.sel(query_span="final", key_span="needle_value").values,
+                               ds.needle_share.sel(length=256, depth=0.5, seed=0, query_set="final",
+                                                   span="needle_value").values, atol=ATOL)

@@ -44,3 +44,23 @@ def span_to_span(attn: LayerAttention, b: int, start: int, query_spans: dict, ke
             p = keyset_probs(attn, b, rows, start + k0, start + k1)  # [H, |A|, |B|]
             out[a, k] = p.double().sum(-1).mean(-1).cpu().numpy()
     return out
+
+
+class SpanToSpanRecorder:
+    """Observer: span_to_span of the first forward that holds every query span (the prefill),
+    per layer: results[layer] = [query span, key span, head]. Batch row 0, unpadded."""
+
+    needs_lse = True
+
+    def __init__(self, query_spans: dict, key_spans: dict, layers=None):
+        self.query_spans, self.key_spans = dict(query_spans), dict(key_spans)
+        self.layers = None if layers is None else set(layers)
+        self.results: dict[int, np.ndarray] = {}
+
+    def wants(self, layer: int) -> bool:
+        return (self.layers is None or layer in self.layers) and layer not in self.results
+
+    def observe(self, attn: LayerAttention) -> None:
+        last = max(q1 for _, q1 in self.query_spans.values())
+        if attn.q_offset == 0 and attn.query.shape[2] >= last:
+            self.results[attn.layer] = span_to_span(attn, 0, 0, self.query_spans, self.key_spans)
