@@ -149,3 +149,30 @@ class Flow:
             coords["span"] = list(plans[0].spans)
             attrs["query_spans"] = json.dumps({k: list(v) for k, v in plans[0].query_spans.items()})
         return data_vars, coords, attrs
+
+
+# ----------------------------------------------------------------------------- the CLI's checks
+def check_cli_options(names: tuple[str, ...], received_flag: bool, received_top: int | None, received_pass: str,
+                      query_span: str | None, spans: dict) -> tuple[tuple[str, ...], dict]:
+    """analyze's --received, --received-top K, --received-pass, --query-span (before any load):
+    (metric names, keyword arguments for attnscope.analyze)."""
+    from attnscope.errors import AttnscopeError
+
+    kwargs: dict[str, Any] = {"received_pass": received.check_received_pass(received_pass, "--received-pass")}
+    if received_flag and "received" not in names:
+        names = names + ("received",)
+    if received_top is not None:
+        kwargs["received_top_k"] = received.check_top_k(received_top, "--received-top")
+        if "received_top" not in names:
+            names = names + ("received_top",)
+    if query_span:
+        if not spans:
+            raise AttnscopeError("--query-span needs key spans too: --span NAME=START:END[,...]")
+        kwargs["query_spans"] = span_to_span.parse_spans(query_span, "--query-span", default_name="query")
+    return names, kwargs
+
+
+def check_cli_inputs(kwargs: dict, n_tokens: int) -> None:
+    """Query spans against the input's length (before any load)."""
+    if kwargs.get("query_spans"):
+        span_to_span.check_spans(kwargs["query_spans"], n_tokens, "--query-span")

@@ -46,9 +46,9 @@ _CHUNK_ELEMENTS = 1 << 20  # floats in one [H, chunk, K] block of the chunked pa
 _MASK_ELEMENTS = 1 << 24  # floats in one [H, keys, queries] additive mask of the blocked swapped pass
 
 
-def check_received_pass(value: str) -> str:
+def check_received_pass(value: str, what: str = "received_pass") -> str:
     if value not in RECEIVED_PASSES:
-        raise AttnscopeError(f"received_pass must be one of {', '.join(RECEIVED_PASSES)}, not {value!r}")
+        raise AttnscopeError(f"{what} must be one of {', '.join(RECEIVED_PASSES)}, not {value!r}")
     return value
 
 

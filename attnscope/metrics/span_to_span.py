@@ -64,3 +64,27 @@ class SpanToSpanRecorder:
         last = max(q1 for _, q1 in self.query_spans.values())
         if attn.q_offset == 0 and attn.query.shape[2] >= last:
             self.results[attn.layer] = span_to_span(attn, 0, 0, self.query_spans, self.key_spans)
+
+
+def parse_spans(text: str, option: str = "--span", default_name: str = "span") -> dict[str, tuple[int, int]]:
+    """`NAME=START:END[,NAME=START:END...]` (or one bare START:END, named `default_name`) ->
+    {name: (start, end)}; token indices, END exclusive."""
+    out: dict[str, tuple[int, int]] = {}
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        name, eq, rng = item.rpartition("=")
+        name = name.strip() if eq else default_name
+        try:
+            start, end = (int(x) for x in rng.split(":"))
+        except ValueError:
+            raise AttnscopeError(f"bad {option} {item!r}: use NAME=START:END token indices, END exclusive") from None
+        if not name or not 0 <= start < end:
+            raise AttnscopeError(f"bad {option} {item!r}: need a name and 0 <= START < END (token indices, "
+                                 "END exclusive)")
+        if name in out:
+            raise AttnscopeError(f"bad {option}: span {name!r} is given twice")
+        out[name] = (start, end)
+    if not out:
+        raise AttnscopeError(f"{option} is empty: use NAME=START:END")
+    return out
