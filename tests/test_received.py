@@ -286,3 +286,18 @@ def test_run_probe_span_to_span_matches_eager(smollm2):
     np.testing.assert_allclose(got.sel(query_span="final", key_span="needle_value").values,
                                ds.needle_share.sel(length=256, depth=0.5, seed=0, query_set="final",
                                                    span="needle_value").values, atol=ATOL)
+
+
+def test_padded_batch_kept_mass_and_span_to_span(tiny, single_thread):
+    """A left-padded row measures what its lone run measures (positions count from its first
+    real token)."""
+    lm = tiny("olmo3")
+    torch.manual_seed(14)
+    a, b = torch.randint(3, 128, (64,)).tolist(), torch.randint(3, 128, (40,)).tolist()
+    kw = dict(metrics=("sink_mass",), policies=POLICIES, budgets=(6, 20, 40), spans={"s": (2, 9), "t": (20, 30)},
+              query_spans={"q": (30, 40)}, min_query_position=4)
+    batch = attnscope.analyze(lm, token_ids=[a, b], **kw)
+    for seq, ids in enumerate((a, b)):
+        lone = attnscope.analyze(lm, token_ids=ids, **kw)
+        for name in ("kept_mass", "span_to_span"):
+            np.testing.assert_allclose(batch[name].isel(sequence=seq).values, lone[name].values, atol=ATOL)
