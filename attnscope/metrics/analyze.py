@@ -122,7 +122,8 @@ def analyze(
     `query_spans` -> keys in each of `spans`; added when query_spans are given).
     `received_pass`: "auto", "chunked" or "swapped" (how the column sums are computed).
     """
-    from attnscope.metrics.flow import Flow, FlowOptions
+    from attnscope.metrics.flow import Flow
+
     source = _resolve(model, tokenizer, backend)
     hf_model, tokenizer, name, revision = source.hf_model, source.tokenizer, source.name, source.revision
     metrics = tuple(metrics)

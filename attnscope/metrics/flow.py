@@ -34,6 +34,10 @@ class FlowOptions:
 class Flow:
     def __init__(self, metrics, options: FlowOptions, bins: int):
         self.wanted = {m for m in metrics if m in FLOW_METRICS}
+        if "kept_mass" in self.wanted and options.policies is None:
+            from attnscope.errors import AttnscopeError
+
+            raise AttnscopeError("kept_mass needs cache policies and budgets (FlowOptions.policies)")
         self.options = options
         self.bins = bins
         self.passes: dict[int, str] = {}  # layer -> the pass that computed the column sums

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from attnscope.capture.interface import LayerAttention
-from attnscope.metrics.flow import FLOW_METRICS, Flow
+from attnscope.metrics.flow import FLOW_METRICS, Flow, FlowOptions
 
 KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass", "token0_importance")
 ROW_METRICS = ("entropy", "mean_distance", "position_profile", "distance_profile")
@@ -108,6 +108,8 @@ class StatsRecorder:
         self.row_pass = row_pass
         # the fused kernel returns each row's log-sum-exp for free; row metrics reuse it too
         self.needs_lse = any(m in KEYSET_METRICS + ROW_METRICS + FLOW_METRICS for m in self.metrics)
+        if flow is None and any(m in FLOW_METRICS for m in self.metrics):
+            flow = Flow(self.metrics, FlowOptions(), bins)
         self.flow = flow  # received / kept_mass / span_to_span (None when none is asked for)
         self.dist_edges = distance_bin_edges(max_length or max(p.length for p in plans))
         self.results: dict[int, list[dict[str, np.ndarray]]] = {}
