@@ -25,6 +25,7 @@ from markdown_section import command_line, write_section
 CONFIGS = {
     "sdpa": "plain sdpa forward (baseline)",
     "span_mass": "today's key-set metrics: sink_mass + token0_mass + span_mass (one 16-token span)",
+    "span_mass_256": "the same with one 256-token span (as many keys per query as the largest budget below)",
     "received": "received for all keys (auto: the chunked column pass on CPU)",
     "received_swapped": "received for all keys, the swapped pass (aten flash op, -lse bias)",
     "span_to_span": "sink_mass + token0_mass + span_to_span (2 query spans x 2 key spans of 16-64 tokens)",
@@ -67,6 +68,8 @@ def child(config: str, length: int, threads: int | None) -> dict:
                 model.base_model(input_ids=torch.tensor([x]), use_cache=False)
         elif config == "span_mass":
             attnscope.analyze(lm, token_ids=x, metrics=keyset, spans=needle)
+        elif config == "span_mass_256":
+            attnscope.analyze(lm, token_ids=x, metrics=keyset, spans={"wide": (n // 2, n // 2 + 256)})
         elif config == "received":
             attnscope.analyze(lm, token_ids=x, metrics=("received",))
         elif config == "received_swapped":

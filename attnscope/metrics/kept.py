@@ -160,7 +160,9 @@ def kept_mass_rows(attn: LayerAttention, b: int, start: int, q_rows: torch.Tenso
         top = torch.argsort(-received, dim=1, stable=True)[:, :k] + start  # [H, k] key indices
     qa_all = q_rows + attn.q_offset
     width = max(w_max, b_max) + 1
-    chunk = max(16, _CHUNK_ELEMENTS // max(1, H * width))
+    # a chunk of c rows computes c x (c + w_max) band scores, c x w_max of them used: c ~ w_max / 2
+    # keeps the waste small without many tiny calls
+    chunk = max(32, min(max(64, w_max // 2), _CHUNK_ELEMENTS // max(1, H * width)))
     for c0 in range(0, len(q_rows), chunk):
         r = q_rows[c0:c0 + chunk]
         qa = qa_all[c0:c0 + chunk]
@@ -195,8 +197,12 @@ def _window_masses(attn, b, start, r, qa, windows) -> dict[int, torch.Tensor]:
     lo = max(start, int(qa.min()) - w_max + 1)
     hi = int(qa.max()) + 1
     logp = attn.log_probs(b, r, slice(lo, hi))  # [H, c, K]
-    vis = attn.visible(r, lo, hi)[b]
-    p = logp.masked_fill_(~vis, float("-inf")).exp_()
+    # plain causal rows can only hide keys after the chunk's first query: mask just those columns
+    m_lo = min(hi, int(qa.min()) + 1) if attn.vis.causal_only else lo
+    if m_lo < hi:
+        vis = attn.visible(r, m_lo, hi)[b]
+        logp[..., m_lo - lo:].masked_fill_(~vis, float("-inf"))
+    p = logp.exp_()
     dist = qa[:, None] - torch.arange(lo, hi, device=qa.device)[None, :]  # [c, K]
     w = torch.tensor(windows, device=qa.device)
     inside = (dist[:, :, None] < w[None, None, :]).to(p.dtype)  # [c, K, W]
