@@ -69,7 +69,7 @@ def child(config: str, length: int, threads: int | None) -> dict:
         elif config == "span_mass":
             attnscope.analyze(lm, token_ids=x, metrics=keyset, spans=needle)
         elif config == "span_mass_256":
-            attnscope.analyze(lm, token_ids=x, metrics=keyset, spans={"wide": (n // 2, n // 2 + 256)})
+            attnscope.analyze(lm, token_ids=x, metrics=keyset, spans={"wide": (max(0, n // 2 - 256), n // 2)})
         elif config == "received":
             attnscope.analyze(lm, token_ids=x, metrics=("received",))
         elif config == "received_swapped":
@@ -111,13 +111,14 @@ def summarise(runs: list[dict]) -> dict:
     if failed:
         return failed[0]
     med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "cpu_seconds", "peak_rss")}
-    return {**med, "all_seconds": [round(r["seconds"], 2) for r in runs], "runs": len(runs)}
+    return {**med, "all_seconds": [round(r["seconds"], 2) for r in runs],
+            "all_rss": [round(r["peak_rss"] / 2**30, 2) for r in runs], "runs": len(runs)}
 
 
 def table(results: dict, lengths: list[int], configs: list[str]) -> str:
     lines = ["| tokens | configuration | median wall (s) | runs, wall (s) | median CPU (s) | × sdpa CPU | "
-             "× span_mass CPU | median peak RSS (GiB) | × sdpa RSS |",
-             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "× span_mass CPU | median peak RSS (GiB) | runs, RSS (GiB) | × sdpa RSS |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for n in lengths:
         base, span = results.get(("sdpa", n)), results.get(("span_mass", n))
         for config in configs:
@@ -125,12 +126,12 @@ def table(results: dict, lengths: list[int], configs: list[str]) -> str:
             if r is None:
                 continue
             if "failed" in r:
-                lines.append(f"| {n} | {CONFIGS[config]} | failed: {r['failed']} | | | | | | |")
+                lines.append(f"| {n} | {CONFIGS[config]} | failed: {r['failed']} | | | | | | | |")
                 continue
             ratio = (lambda ref, key: f"{r[key] / ref[key]:.2f}" if ref and "failed" not in ref else "-")
             lines.append(f"| {n} | {CONFIGS[config]} | {r['seconds']:.2f} | {', '.join(map(str, r['all_seconds']))} | "
                          f"{r['cpu_seconds']:.2f} | {ratio(base, 'cpu_seconds')} | {ratio(span, 'cpu_seconds')} | "
-                         f"{r['peak_rss'] / 2**30:.2f} | {ratio(base, 'peak_rss')} |")
+                         f"{r['peak_rss'] / 2**30:.2f} | {', '.join(map(str, r['all_rss']))} | {ratio(base, 'peak_rss')} |")
     return "\n".join(lines)
 
 

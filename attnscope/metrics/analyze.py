@@ -178,7 +178,7 @@ def analyze(
     for b, s in enumerate(seqs):  # left padding: every row ends at the last column
         input_ids[b, longest - len(s):] = torch.tensor(s)
         attention_mask[b, longest - len(s):] = 1
-    flow = Flow(metrics, flow_options, bins) if flow_options is not None else None
+    flow = Flow(metrics, flow_options, bins, n_layers) if flow_options is not None else None
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
                              max_length=longest, row_pass=row_pass, flow=flow)
     wanted = sum(recorder.wants(i) for i in range(n_layers))

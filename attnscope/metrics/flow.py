@@ -32,7 +32,7 @@ class FlowOptions:
 
 
 class Flow:
-    def __init__(self, metrics, options: FlowOptions, bins: int):
+    def __init__(self, metrics, options: FlowOptions, bins: int, n_layers: int | None = None):
         self.wanted = {m for m in metrics if m in FLOW_METRICS}
         if "kept_mass" in self.wanted and options.policies is None:
             from attnscope.errors import AttnscopeError
@@ -41,6 +41,9 @@ class Flow:
         self.options = options
         self.bins = bins
         self.passes: dict[int, str] = {}  # layer -> the pass that computed the column sums
+        self.n_layers = n_layers
+        self._full: dict[int, dict[str, np.ndarray]] = {}  # batch row -> [layer, H, L] arrays
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # column sums, reused per layer
         self.columns = bool(self.wanted & set(COLUMN_METRICS)) or (
             "kept_mass" in self.wanted and options.policies is not None and options.policies.needs_received)
 
@@ -51,7 +54,15 @@ class Flow:
             return None
         rows = self._all_rows(attn, start, plan)
         return received.ColumnSums(attn.n_heads, start, start + plan.length, attn.query.device,
-                                   received.visible_counts(attn, b, rows, start, start + plan.length))
+                                   received.visible_counts(attn, b, rows, start, start + plan.length),
+                                   self._reused(attn, b, plan))
+
+    def _reused(self, attn, b: int, plan):
+        key = (b, attn.n_heads, plan.length, str(attn.query.device))
+        if key not in self._buffers:
+            self._buffers[key] = (torch.empty((attn.n_heads, plan.length), dtype=torch.float64, device=attn.query.device),
+                                  torch.empty(plan.length, dtype=torch.float64, device=attn.query.device))
+        return self._buffers[key]
 
     @staticmethod
     def _all_rows(attn, start: int, plan) -> torch.Tensor:
@@ -74,12 +85,22 @@ class Flow:
                 col, counts, kind = acc.sums, acc.counts, "chunked:shared"
             else:
                 col, counts, kind = received.column_sums(attn, b, rows, start, start + plan.length,
-                                                         received_pass=self.options.received_pass)
+                                                         received_pass=self.options.received_pass,
+                                                         buffers=self._reused(attn, b, plan))
             self.passes[attn.layer] = kind
-            out.update(received.received_outputs(
+            into = None
+            if "received" in self.wanted and self.n_layers is not None and attn.layer < self.n_layers:
+                if b not in self._full:  # one array for all layers (received_outputs says why)
+                    self._full[b] = {name: np.full((self.n_layers, attn.n_heads, plan.length), np.nan, np.float32)
+                                     for name in ("received", "received_mean")}
+                into = {name: arr[attn.layer] for name, arr in self._full[b].items()}
+            per_row = received.received_outputs(
                 col, counts, full="received" in self.wanted,
                 top_k=self.options.received_top_k if "received_top" in self.wanted else None,
-                bins=self.bins, n_rows=len(rows)))
+                bins=self.bins, n_rows=len(rows), into=into)
+            if into is not None:  # kept in self._full only: no new object per layer outlives it
+                per_row = {k: v for k, v in per_row.items() if k not in into}
+            out.update(per_row)
         if "kept_mass" in self.wanted:
             grid = self.options.policies
             total = torch.zeros((plan.n_groups, attn.n_heads, len(grid.policies), len(grid.budgets)),
@@ -105,7 +126,8 @@ class Flow:
         lead = () if single else ("sequence",)
 
         def stacked(name, fill=np.nan):
-            per_seq = [np.stack([recorder.results[L][b][name] for L in layer_ids]) for b in range(len(seqs))]
+            per_seq = [self._full[b][name][layer_ids] if b in self._full and name in self._full[b] else
+                       np.stack([recorder.results[L][b][name] for L in layer_ids]) for b in range(len(seqs))]
             if single:
                 return per_seq[0]
             width = max(a.shape[-1] for a in per_seq)  # rows of different lengths: pad the key axis

@@ -24,8 +24,8 @@ Two exact ways, `received_pass=`:
   edit applies); on CUDA FlexAttention with the bias as `score_mod` and the reversed rule as
   `mask_mod` (block-sparse).
 
-"auto" is "swapped" (FlexAttention) on CUDA and "chunked" on CPU, where it measured cheaper
-(docs/benchmarks.md, "received").
+"auto" is "swapped" (FlexAttention) on CUDA and "chunked" on CPU: there the two cost the same
+(docs/benchmarks.md), and the chunked row pass already forms most of the column sums.
 """
 
 from __future__ import annotations
@@ -99,13 +99,17 @@ def visible_counts(attn: LayerAttention, b: int, rows: torch.Tensor, k_lo: int, 
 class ColumnSums:
     """float64 accumulators r [H, K] and n [K] for keys k_lo..k_hi-1 of one batch row."""
 
-    def __init__(self, n_heads: int, k_lo: int, k_hi: int, device, counts: torch.Tensor | None):
+    def __init__(self, n_heads: int, k_lo: int, k_hi: int, device, counts: torch.Tensor | None,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`buffers`: (sums, counts) to reuse (zeroed here), so that a layer loop does not
+        allocate them anew while the forward's own tensors come and go (see received_outputs)."""
         self.k_lo, self.k_hi = k_lo, k_hi
-        self.sums = torch.zeros((n_heads, k_hi - k_lo), dtype=torch.float64, device=device)
-        self.counts = counts
+        if buffers is None:
+            buffers = (torch.empty((n_heads, k_hi - k_lo), dtype=torch.float64, device=device),
+                       torch.empty(k_hi - k_lo, dtype=torch.float64, device=device))
+        self.sums = buffers[0].zero_()
         self._count_here = counts is None
-        if counts is None:
-            self.counts = torch.zeros(k_hi - k_lo, dtype=torch.float64, device=device)
+        self.counts = buffers[1].zero_() if counts is None else buffers[1].copy_(counts)
         self.rows_done: torch.Tensor | None = None
 
     def add(self, col: torch.Tensor, lo: int, hi: int, n_rows: int, m_lo: int | None = None,
@@ -286,11 +290,12 @@ PASSES = {"chunked": chunked, "swapped_flash": swapped_flash, "swapped_flex": sw
 
 
 def column_sums(attn: LayerAttention, b: int, rows: torch.Tensor, k_lo: int, k_hi: int, *,
-                received_pass: str = "auto") -> tuple[torch.Tensor, torch.Tensor, str]:
+                received_pass: str = "auto", buffers=None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(r [H, K] float64, n [K] float64, the pass that ran) for keys k_lo..k_hi-1 (key indices)
     of batch row b over query rows `rows` (ascending)."""
     kind = resolve_pass(attn, received_pass)
-    acc = ColumnSums(attn.n_heads, k_lo, k_hi, attn.query.device, visible_counts(attn, b, rows, k_lo, k_hi))
+    acc = ColumnSums(attn.n_heads, k_lo, k_hi, attn.query.device, visible_counts(attn, b, rows, k_lo, k_hi),
+                     buffers)
     PASSES[kind](attn, b, rows, acc)
     return acc.sums, acc.counts, kind
 
@@ -298,7 +303,7 @@ def column_sums(attn: LayerAttention, b: int, rows: torch.Tensor, k_lo: int, k_h
 # ----------------------------------------------------------------------------- outputs
 
 def received_outputs(sums: torch.Tensor, counts: torch.Tensor, *, full: bool, top_k: int | None,
-                     bins: int, n_rows: int) -> dict[str, np.ndarray]:
+                     bins: int, n_rows: int, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per-row arrays from the column sums of one batch row (keys = its L real tokens).
 
     full: `received` [H, L] and `received_mean` [H, L] (NaN where no query sees the key).
@@ -306,27 +311,32 @@ def received_outputs(sums: torch.Tensor, counts: torch.Tensor, *, full: bool, to
     `received_top_key` [H, k] (their positions), `received_top_mean` [H, k] (their rbar_j),
     and `received_bins` [H, bins]: sum_{j in bin} r_j / n_rows, the share of all attention
     (every query row) that lands in each of `bins` equal bins of key position.
+    `into`: float32 [H, L] arrays to write `received` and `received_mean` into (views of one
+    array for every layer, made before the first layer: a fresh mid-sized array per layer,
+    living while the forward allocates and frees its large tensors, fragments the C heap so
+    that the process keeps ~0.2 GiB more at 4K tokens).
     """
     out: dict[str, np.ndarray] = {}
     r = sums.cpu().numpy()
     n = counts.cpu().numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, r / np.where(n > 0, n, 1), np.nan)
+    seen = n > 0
     if full:  # float32 (as stored): a 64K-token row is 2.4 MB per head and variable, not 4.7
-        out["received"] = r.astype(np.float32)
-        out["received_mean"] = mean.astype(np.float32)
-    if top_k is not None:
-        H, L = r.shape
+        into = into or {name: np.empty(r.shape, np.float32) for name in ("received", "received_mean")}
+        into["received"][...] = r
+        into["received_mean"][...] = np.nan  # in place, no temporaries (see `into`)
+        np.divide(r, n, out=into["received_mean"], where=seen[None, :], casting="same_kind")
+        out.update(into)
+    if top_k is not None:  # in torch, on the column sums: no [H, L] temporaries (see `into`)
+        H, L = sums.shape
         k = min(top_k, L)
-        order = np.argsort(-r, axis=1, kind="stable")[:, :k]
+        vals, order = torch.topk(sums, k, dim=1)  # descending
+        seen_t = counts[order] > 0
+        means = torch.where(seen_t, vals / counts[order].clamp(min=1), torch.full_like(vals, float("nan")))
         pad = top_k - k  # a text shorter than k: the missing ranks are empty
-        vals = np.take_along_axis(r, order, 1)
-        means = np.take_along_axis(mean, order, 1)
-        out["received_top"] = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
-        out["received_top_key"] = np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
-        out["received_top_mean"] = np.pad(means, ((0, 0), (0, pad)), constant_values=np.nan)
-        bin_idx = np.minimum((np.arange(L) * bins) // L, bins - 1)
-        binned = np.zeros((H, bins))
-        np.add.at(binned, (slice(None), bin_idx), r)
-        out["received_bins"] = binned / max(1, n_rows)
+        out["received_top"] = np.pad(vals.cpu().numpy(), ((0, 0), (0, pad)), constant_values=np.nan)
+        out["received_top_key"] = np.pad(order.cpu().numpy(), ((0, 0), (0, pad)), constant_values=-1)
+        out["received_top_mean"] = np.pad(means.cpu().numpy(), ((0, 0), (0, pad)), constant_values=np.nan)
+        bin_idx = torch.div(torch.arange(L, device=sums.device) * bins, L, rounding_mode="floor").clamp(max=bins - 1)
+        binned = torch.zeros((H, bins), dtype=sums.dtype, device=sums.device).index_add_(1, bin_idx, sums)
+        out["received_bins"] = (binned / max(1, n_rows)).cpu().numpy()
     return out
