@@ -91,6 +91,10 @@ def _fail(exc: Exception) -> None:
 def _parse_span(span: Optional[str]) -> dict[str, tuple[int, int]]:
     if not span:
         return {}
+    if "=" in span or "," in span:  # named spans: NAME=START:END[,NAME=START:END...]
+        from attnscope.metrics.span_to_span import parse_spans
+
+        return parse_spans(span, "--span")
     try:
         start, end = (int(x) for x in span.split(":"))
     except ValueError:
@@ -136,7 +140,8 @@ def analyze(
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)"),
     max_tokens: Optional[int] = typer.Option(None, help="Analyse only the first N tokens"),
     sink_tokens: int = typer.Option(4, help="Tokens counted as the sink (sink_mass)"),
-    span: Optional[str] = typer.Option(None, help="START:END token span for span_mass (END exclusive)"),
+    span: Optional[str] = typer.Option(None, help="START:END token span for span_mass (END exclusive), or "
+                                       "named spans NAME=START:END[,NAME=START:END]"),
     queries: str = typer.Option("all", help="all | last:N | strided:N | i,j,k"),
     metrics: str = typer.Option("sink_mass,token0_mass,entropy,mean_distance,position_profile",
                                 help="Comma-separated metrics"),
@@ -154,10 +159,17 @@ def analyze(
                                              help="Also report every metric per N bins of query position"),
     kernel: str = typer.Option("auto", help="auto | flex | cpu_flash | grouped | reference"),
     row_pass: str = typer.Option("auto", "--row-pass", help="auto | features | chunked"),
+    received: bool = typer.Option(False, "--received", help="attention received by every key (layer, head, key)"),
+    received_top: Optional[int] = typer.Option(None, "--received-top",
+                                               help="the K keys per head that receive most + key-position bins"),
+    received_pass: str = typer.Option("auto", "--received-pass", help="auto | chunked | swapped"),
+    query_span: Optional[str] = typer.Option(None, "--query-span",
+                                             help="NAME=START:END[,...] query spans: span_to_span to each --span"),
     quiet: bool = _QUIET,
 ):
     """Per-layer, per-head attention statistics of MODEL on a text."""
     import attnscope
+    from attnscope.metrics.flow import check_cli_inputs, check_cli_options
     from attnscope.store.hdf5 import write_result
     from attnscope.validate import has_utf8_bom, text_prefixes
 
@@ -166,18 +178,20 @@ def analyze(
     try:  # every input is checked before the model loads (docs/refusals.md)
         names, edit, spans = _check_analysis_options(metrics, queries, span, ablate, max_tokens, sink_tokens,
                                                      dtype, device, query_bins, kernel, row_pass)
+        names, flow_kwargs = check_cli_options(names, received, received_top, received_pass, query_span, spans)
         real_out = _check_out_file(out, overwrite)
         prefixes = text_prefixes(text_file)
         first = next(prefixes)  # the file's own problems (missing, binary, not UTF-8) come first
         ids = _preflight_tokens(model, revision, trust_remote_code, itertools.chain([first], prefixes), max_tokens,
                                 sink_tokens, spans, edit, queries, query_bins, names)
         prefixes.close()  # what is left of the file is never read
+        check_cli_inputs(flow_kwargs, len(ids))
         lm = attnscope.load(model, revision, dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code)
         _apply_edit(lm.model, edit)  # recorded in the result as attrs["attention_edit"]
         ds = attnscope.analyze(lm, token_ids=ids, metrics=names, queries=queries,
                                sink_tokens=sink_tokens, spans=spans or None,
-                               query_bins=query_bins, kernel=kernel, row_pass=row_pass)
+                               query_bins=query_bins, kernel=kernel, row_pass=row_pass, **flow_kwargs)
         # a byte order mark is not text: it was stripped before tokenising (else tokens 0-2, the sink)
         ds.attrs["text_bom_stripped"] = has_utf8_bom(text_file)
         if real_out:  # checked before the compute; a file that appeared meanwhile keeps us from it
@@ -914,6 +928,8 @@ def extract_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     query_bins: Optional[int] = typer.Option(None, "--query-bins", help="natural-text tasks also record "
                                              "every metric per bin of query position (N bins)"),
+    received_top: Optional[int] = typer.Option(None, "--received-top", help="natural-text tasks also record the "
+                                               "K keys per head that receive most attention + key-position bins"),
 ) -> None:
     """Measure probes on models x revisions into one resumable HDF5 store (docs/batch.md).
 
@@ -925,7 +941,7 @@ def extract_cmd(
         report = extract(models, revisions, list(probes), out, executor=executor,
                          ray_address=ray_address, dtype=dtype, device=device, retries=retries,
                          dry_run=dry_run, trust_remote_code=trust_remote_code, progress=progress,
-                         query_bins=query_bins)
+                         query_bins=query_bins, received_top=received_top)
     except AttnscopeError as exc:
         _fail(exc)
     except ExtractInterrupted as stop:  # Ctrl-C: say what is safe and how to resume
@@ -990,6 +1006,97 @@ def store_upgrade(src: Path = typer.Argument(..., help="the store to read (any s
 
 
 from attnscope import cli_drill  # noqa: E402,F401  (registers `drill` and `decompose`)
+
+
+@app.command("policies")
+def policies_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    text_file: Path = typer.Option(..., "--text-file", "-f", help="UTF-8 text to measure on"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (result .h5 + figure .pdf/.png/.json)"),
+    policies: str = typer.Option("streaming,window,static_topk", help="comma-separated: streaming[:S], window, "
+                                 "static_topk"),
+    budgets: Optional[str] = typer.Option(None, help="cache budgets in tokens, comma-separated (default: powers "
+                                          "of two from 16 to half the input)"),
+    sink_tokens: int = typer.Option(4, help="sink tokens of `streaming` (StreamingLLM keeps 4)"),
+    max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),
+    queries: str = typer.Option("all", help="queries the kept mass is averaged over: all | last:N | strided:N"),
+    loss: bool = typer.Option(True, "--loss/--no-loss", help="also the loss under each cache (one forward each)"),
+    probe: Optional[str] = typer.Option(None, help="a NIAH probe (name or spec file): needle retrieval under each cache"),
+    probe_lengths: Optional[str] = typer.Option(None, help="the probe's lengths (default: the spec's grid)"),
+    probe_depths: Optional[str] = typer.Option(None, help="the probe's depths (default: the spec's grid)"),
+    probe_seeds: Optional[str] = typer.Option(None, help="the probe's seeds (default: the spec's)"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that has files "
+                                   "(files of the same names are replaced)"),
+    quiet: bool = _QUIET,
+) -> None:
+    """KV-cache what-ifs: attention mass kept, loss and needle retrieval vs cache budget, per policy (a figure)."""
+    import attnscope
+    from attnscope.capture.queries import QuerySelection
+    from attnscope.metrics.kept import PolicyGrid
+    from attnscope.models.loading import _parse_dtype
+    from attnscope.policies import default_budgets, policy_figure, run_policies
+    from attnscope.store.hdf5 import save_result
+    from attnscope.validate import check_count, check_device, text_prefixes
+
+    _quiet_transformers()
+    _quiet(quiet)
+    try:  # every input is checked before the model loads (docs/refusals.md)
+        check_count("--max-tokens", max_tokens)
+        check_count("--sink-tokens", sink_tokens, none_ok=False)
+        grid_budgets = _ints(budgets, "--budgets")
+        PolicyGrid.make(policies, grid_budgets or (sink_tokens + 1,), default_sinks=sink_tokens)  # names
+        _parse_dtype(dtype)
+        check_device(device)
+        QuerySelection.parse(queries)
+        probe_grid = _ints(probe_lengths), _floats(probe_depths), _ints(probe_seeds, "--probe-seeds")
+        spec = None
+        if probe is not None:
+            from attnscope.probing.spec import load_spec
+
+            spec = load_spec(probe)
+            if spec.task == "natural_text":
+                raise AttnscopeError(f"--probe {probe}: a natural-text probe has no needle; use a niah probe")
+        out = _check_out_dir(out, overwrite)
+        ids = _preflight_tokens(model, revision, trust_remote_code, text_prefixes(text_file), max_tokens,
+                                sink_tokens, {}, None, queries)
+        grid = PolicyGrid.make(policies, grid_budgets or default_budgets(len(ids)), default_sinks=sink_tokens)
+        grid.check(len(ids))
+        if spec is not None:
+            _check_grid(spec, *probe_grid, _limits(model, revision, trust_remote_code).get("max_positions"))
+            grid.check(min(probe_grid[0] or spec.grid.lengths), "the shortest probe prompt")
+        lm = attnscope.load(model, revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        ds = run_policies(lm, ids, [p.label for p in grid.policies], grid.budgets, sink_tokens=sink_tokens,
+                          queries=queries, loss=loss, probe=spec, probe_lengths=probe_grid[0],
+                          probe_depths=probe_grid[1], probe_seeds=probe_grid[2])
+        name = Path(model).name if Path(model).exists() else model.replace("/", "_")
+        result = save_result(ds, out / f"policies_{name}.h5", overwrite=overwrite)
+        command = _command_line("policies", model=model, text_file=text_file, out=out, policies=policies,
+                                budgets=budgets, sink_tokens=None if sink_tokens == 4 else sink_tokens,
+                                max_tokens=max_tokens, queries=None if queries == "all" else queries,
+                                no_loss=not loss, probe=probe, probe_lengths=probe_lengths,
+                                probe_depths=probe_depths, probe_seeds=probe_seeds, revision=revision)
+        paths = policy_figure(ds, out, stem=f"policies_{name}", command=command, store=str(result))
+    except AttnscopeError as exc:
+        _fail(exc)
+    table = Table(title=f"{ds.attrs['model']}: attention mass kept (mean over layers, heads, queries)"
+                        + (", Δ loss (nats)" if "delta_loss" in ds else ""))
+    table.add_column("budget", justify="right")
+    for p in ds.policy.values:
+        table.add_column(str(p), justify="right")
+    for b in ds.budget.values:
+        cells = []
+        for p in ds.policy.values:
+            cell = f"{float(ds.kept_mass.sel(policy=p, budget=b).mean()):.3f}"
+            if "delta_loss" in ds and np.isfinite(float(ds.delta_loss.sel(policy=p, budget=b))):
+                cell += f" / {float(ds.delta_loss.sel(policy=p, budget=b)):+.3f}"
+            cells.append(cell)
+        table.add_row(str(int(b)), *cells)
+    Console().print(table)
+    console.print(f"wrote {result} and " + ", ".join(p.name for p in paths))
 
 
 def main() -> None:

@@ -125,6 +125,7 @@ def extract(
     ray_options: dict[str, Any] | None = None,
     on_event: Callable[[dict], None] | None = None,
     query_bins: int | None = None,
+    received_top: int | None = None,
 ) -> ExtractReport:
     """Measure every probe on every model x revision into one HDF5 store, resumably.
 
@@ -143,6 +144,9 @@ def extract(
 
     query_bins=N: natural-text tasks also record every metric per bin of query position
     (`<metric>_by_query`; a task parameter, so part of the task key; docs/batch.md).
+    received_top=K: natural-text tasks also record attention received per key, compactly: the K
+    keys per head that receive most and key-position bins (`received_top*`, `received_bins`;
+    a task parameter too; docs/received.md).
     """
     from attnscope.batch.runner import check_ray_address
     from attnscope.store.files import check_store_path
@@ -163,7 +167,7 @@ def extract(
                                  "(or use --executor local)") from None
     check_store_path(out)  # an HDF5 name that fits the filesystem, with its .d/, .lock and temporary names
     out = Path(out).expanduser().absolute()
-    plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins)
+    plan = make_plan(models, revisions, probes, dtype, query_bins=query_bins, received_top=received_top)
     keys = set(plan.keys)
     emit_event = on_event or (lambda event: None)
     missing = uncached_checkpoints([ckpt for ckpt, _ in plan.groups()])

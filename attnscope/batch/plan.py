@@ -222,7 +222,7 @@ def resolve_revisions(model: ModelRef, revisions, notes: list[str]) -> list[str 
 
 # ------------------------------------------------------------------------------- the plan
 def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "float32",
-              query_bins: int | None = None) -> Plan:
+              query_bins: int | None = None, received_top: int | None = None) -> Plan:
     """Expand the request into tasks; validates every model name and probe file first.
     `query_bins`: natural-text tasks also record every metric per bin of query position."""
     from attnscope.models.loading import _parse_dtype
@@ -237,6 +237,14 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
         spec = load_probe(p)
         specs.append((str(Path(p)), spec))
     query_notes = _check_query_bins(query_bins, [s for _, s in specs])
+    if received_top is not None:  # attention received per key, compactly (docs/received.md)
+        from attnscope.metrics.received import check_top_k
+
+        check_top_k(received_top, "received_top")
+        others = sorted({s.name for _, s in specs if s.task != "natural_text"})
+        if others:
+            query_notes.append(f"received_top is recorded by natural-text probes only; {', '.join(others)} "
+                               "run without it")
     refs = resolve_models(models)
     notes: list[str] = []
     checkpoints = [(ref, rev) for ref in refs for rev in resolve_revisions(ref, revisions, notes)]
@@ -249,7 +257,7 @@ def make_plan(models, revisions, probes: Iterable[str | Path], dtype: str = "flo
                 notes.append(f"{ref.name}{'@' + rev if rev else ''} has a context of {ctx} tokens: the "
                              f"{spec.name} tasks of length {', '.join(map(str, too_long))} will fail "
                              "(InputTooLongError)")
-            for params in task_params(spec, query_bins):
+            for params in task_params(spec, query_bins, received_top):
                 tasks.append(Task(ref, rev, spec.name, path, spec.content_hash, params, dtype, spec))
     _refuse_repeated_tasks(tasks)
     return Plan(tasks, query_notes + notes)

@@ -34,11 +34,13 @@ def load_probe(path: str | Path):
     return load_spec(path)
 
 
-def task_params(spec, query_bins: int | None = None) -> list[dict[str, Any]]:
+def task_params(spec, query_bins: int | None = None, received_top: int | None = None) -> list[dict[str, Any]]:
     """One task per (length, depth) of the probe's grid: the unit of resume and of failure.
-    `query_bins` (natural-text probes) is a parameter too, so a task with query-resolved
-    variables never shares a key with one without them."""
+    `query_bins` and `received_top` (natural-text probes) are parameters too, so a task with
+    query-resolved or received variables never shares a key with one without them."""
     extra = {"query_bins": int(query_bins)} if query_bins is not None and spec.task == "natural_text" else {}
+    if received_top is not None and spec.task == "natural_text":
+        extra["received_top"] = int(received_top)
     return [{"length": int(L), "depth": float(d), **extra} for L in spec.grid.lengths for d in spec.grid.depths]
 
 
@@ -86,7 +88,7 @@ class TaskCache:
 
 
 def _natural_text(lm, spec, length: int, depth: float, cache: TaskCache,
-                  query_bins: int | None = None) -> xr.Dataset:
+                  query_bins: int | None = None, received_top: int | None = None) -> xr.Dataset:
     """Exact-length excerpts of a shipped text: start = depth x (room left), seed s moves the
     start on by s x length/4 tokens; the tokenizer's own special prefix (BOS) is kept.
     `query_bins` adds the `<metric>_by_query` variables (analyze's query_bins)."""
@@ -103,11 +105,14 @@ def _natural_text(lm, spec, length: int, depth: float, cache: TaskCache,
     if body < 16 or room < 0:
         raise ProbeBuildError(f"text {spec.haystack.text!r} has {len(tokens)} tokens under {lm.name}'s "
                               f"tokenizer, too few for a {length}-token excerpt")
+    metrics, extra = NATURAL_TEXT_METRICS, {}
+    if received_top is not None:  # attention received per key, compactly (docs/received.md)
+        metrics, extra = metrics + ("received_top",), {"received_top_k": received_top}
     parts = []
     for seed in spec.seeds:
         start = min(room, round(depth * room) + seed * (length // 4))
         ids = prefix + tokens[start:start + body]
-        ds = analyze(lm, token_ids=ids, metrics=NATURAL_TEXT_METRICS, query_bins=query_bins)
+        ds = analyze(lm, token_ids=ids, metrics=metrics, query_bins=query_bins, **extra)
         parts.append(ds.expand_dims(seed=[int(seed)]).assign_coords(start=("seed", [start])))
     out = xr.concat(parts, dim="seed", combine_attrs="override") if len(parts) > 1 else parts[0]
     out = out.expand_dims(length=[length], depth=[depth])
@@ -120,6 +125,7 @@ def run_task(lm, task, cache: TaskCache | None = None) -> xr.Dataset:
     cache = cache or TaskCache()
     spec, length, depth = task.spec, task.params["length"], task.params["depth"]
     if spec.task == "natural_text":
-        return _natural_text(lm, spec, length, depth, cache, task.params.get("query_bins"))
+        return _natural_text(lm, spec, length, depth, cache, task.params.get("query_bins"),
+                             task.params.get("received_top"))
     # needle probes: the probing layer builds the prompts and measures them
     return run_probe(lm, spec, lengths=[length], depths=[depth])

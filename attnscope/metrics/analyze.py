@@ -13,6 +13,7 @@ import xarray as xr
 from attnscope.capture.interface import kernel_settings, layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection, query_bins as _query_bins
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
+from attnscope.metrics.flow import FLOW_METRICS
 from attnscope.models.introspect import config_value, decoder_layers
 from attnscope.metrics.reductions import (
     ALL_METRICS,
@@ -147,6 +148,11 @@ def analyze(
     kernel: str = "auto",
     row_pass: str = "auto",
     progress: bool | None = None,
+    query_spans: dict[str, tuple[int, int]] | None = None,
+    received_top_k: int = 16,
+    received_pass: str = "auto",
+    policies=None,
+    budgets: Sequence[int] | None = None,
 ) -> xr.Dataset:
     """Exact attention statistics per layer and query head of `model` on `text`.
 
@@ -164,10 +170,22 @@ def analyze(
     ("auto", "flex", "cpu_flash", "grouped", "reference"); row_pass= chooses how row metrics are
     computed ("auto": the feature pass on GPU, chunked on CPU; "features"; "chunked").
     `progress`: a per-layer bar (None: in a terminal or notebook only; see attnscope.progress).
+
+    Where attention goes (docs/received.md): metrics "received" (attention received by every key,
+    dims layer, head, key), "received_top" (the `received_top_k` keys that receive most, and
+    key-position bins: compact), "kept_mass" (the mass each selected query keeps under cache
+    `policies` x `budgets`, e.g. policies=("streaming", "window", "static_topk"),
+    budgets=(64, 256); added when policies are given) and "span_to_span" (queries in each of
+    `query_spans` -> keys in each of `spans`; added when query_spans are given).
+    `received_pass`: "auto", "chunked" or "swapped" (how the column sums are computed).
     """
+    from attnscope.metrics.flow import Flow
+
     source = _resolve(model, tokenizer, backend)
     hf_model, tokenizer, name, revision = source.hf_model, source.tokenizer, source.name, source.revision
     metrics = tuple(metrics)
+    flow_options, metrics = _flow_options(metrics, query_spans, spans, received_top_k, received_pass,
+                                          policies, budgets, sink_tokens)
     if spans and "span_mass" not in metrics:
         metrics = metrics + ("span_mass",)
     if "span_mass" in metrics and not spans:
@@ -193,7 +211,8 @@ def analyze(
             if not 0 <= s0 < s1 <= len(s):
                 raise AttnscopeError(
                     f"span {span_name!r} = [{s0}, {s1}) is not inside the {len(s)}-token input")
-        plan = RowPlan(len(s), selection.resolve(len(s)), spans)
+        _check_flow_input(flow_options, query_spans, len(s))
+        plan = RowPlan(len(s), selection.resolve(len(s)), spans, query_spans=dict(query_spans or {}))
         if query_bins is not None:
             plan.groups, plan.group_starts = _query_bins(plan.queries, query_bins)
             plan.n_groups = int(query_bins)
@@ -216,8 +235,9 @@ def analyze(
     for b, s in enumerate(seqs):  # left padding: every row ends at the last column
         input_ids[b, longest - len(s):] = torch.tensor(s)
         attention_mask[b, longest - len(s):] = 1
+    flow = Flow(metrics, flow_options, bins, n_layers) if flow_options is not None else None
     recorder = StatsRecorder(metrics, plans, sink_tokens=sink_tokens, bins=bins, layers=layers,
-                             max_length=longest, row_pass=row_pass,
+                             max_length=longest, row_pass=row_pass, flow=flow,
                              learned_sinks_auto=metrics == tuple(DEFAULT_METRICS))
     wanted = sum(recorder.wants(i) for i in range(n_layers))
     try:
@@ -270,6 +290,8 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     single = len(seqs) == 1
     data_vars = {}
     for m in metrics:
+        if recorder.flow is not None and m in FLOW_METRICS:
+            continue  # their variables: Flow.dataset_parts, below
         per_seq = [np.stack([_layer_value(recorder, L, b, m) for L in layer_ids]) for b in range(len(seqs))]
         dims = DIMS[m]
         if m == "span_mass":  # recorded as [layer][span, head] -> (span, layer, head)
@@ -294,6 +316,11 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
         coords["decoder_layer"] = ("layer", [-1 if recorder.calls[L][0] is None else recorder.calls[L][0]
                                              for L in layer_ids])
         coords["call"] = ("layer", [recorder.calls[L][1] for L in layer_ids])
+    flow_attrs = {}
+    if recorder.flow is not None:
+        flow_vars, flow_coords, flow_attrs = recorder.flow.dataset_parts(recorder, seqs, single)
+        data_vars.update(flow_vars)
+        coords.update(flow_coords)
     if "position_profile" in metrics:
         coords["bin"] = np.arange(bins) / bins
     if "distance_profile" in metrics:
@@ -354,4 +381,43 @@ def _to_dataset(recorder, metrics, seqs, selection, spans, name, revision, hf_mo
     edit = next((getattr(m, "_attnscope_edit", None) for m in hf_model.modules()
                  if getattr(m, "_attnscope_edit", None) is not None), None)
     attrs["attention_edit"] = edit.describe() if edit is not None else "none"
+    attrs.update(flow_attrs)
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _flow_options(metrics, query_spans, spans, received_top_k, received_pass, policies, budgets,
+                  sink_tokens):
+    """(FlowOptions or None, metrics with span_to_span / kept_mass added where their inputs are
+    given), every argument checked (attnscope/metrics/flow.py)."""
+    from attnscope.metrics.flow import FLOW_METRICS, FlowOptions
+    from attnscope.metrics.kept import PolicyGrid
+    from attnscope.metrics.received import check_received_pass, check_top_k
+
+    check_top_k(received_top_k)
+    check_received_pass(received_pass)
+    if query_spans and "span_to_span" not in metrics:
+        metrics = metrics + ("span_to_span",)
+    if "span_to_span" in metrics and not (query_spans and spans):
+        raise AttnscopeError("span_to_span needs query_spans={'name': (start, end)} and spans={'name': "
+                             "(start, end)} (token indices, end exclusive)")
+    if policies is not None and "kept_mass" not in metrics:
+        metrics = metrics + ("kept_mass",)
+    grid = None
+    if "kept_mass" in metrics:
+        if policies is None or budgets is None:
+            raise AttnscopeError("kept_mass needs policies= (streaming[:S], window, static_topk) and "
+                                 "budgets= (cache sizes in tokens)")
+        grid = PolicyGrid.make(policies, budgets, default_sinks=sink_tokens)
+    if not any(m in FLOW_METRICS for m in metrics):
+        return None, metrics
+    return FlowOptions(received_top_k=int(received_top_k), received_pass=received_pass, policies=grid), metrics
+
+
+def _check_flow_input(options, query_spans, n_tokens: int) -> None:
+    """Query spans and cache budgets against one input's length."""
+    from attnscope.metrics.span_to_span import check_spans
+
+    if query_spans:
+        check_spans(query_spans, n_tokens, "query span")
+    if options is not None and options.policies is not None:
+        options.policies.check(n_tokens)

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from attnscope.capture.interface import LayerAttention
+from attnscope.metrics.flow import FLOW_METRICS, Flow, FlowOptions
 
 KEYSET_METRICS = ("sink_mass", "token0_mass", "span_mass", "token0_importance", "learned_sink_mass")
 ROW_METRICS = ("entropy", "mean_distance", "position_profile", "distance_profile")
-ALL_METRICS = KEYSET_METRICS + ROW_METRICS + ("pattern",)
+# received, received_top, kept_mass, span_to_span: attnscope/metrics/flow.py, docs/received.md
+ALL_METRICS = KEYSET_METRICS + ROW_METRICS + ("pattern",) + FLOW_METRICS
 # distance_profile is opt-in: it needs a per-element scatter that costs more than the others
 DEFAULT_METRICS = ("sink_mass", "token0_mass", "entropy", "mean_distance", "position_profile")
 _CHUNK_ELEMENTS = 1 << 20  # floats in one [H, chunk, K] block: small enough to stay in cache, and to skip most of the masked upper triangle
@@ -71,6 +73,7 @@ class RowPlan:
     groups: np.ndarray | None = None
     n_groups: int = 1
     group_starts: np.ndarray | None = None  # first position of each group (query bin)
+    query_spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # span_to_span's A spans
 
     def group_index(self) -> np.ndarray:
         return np.zeros(len(self.queries), dtype=np.int64) if self.groups is None else self.groups
@@ -91,7 +94,7 @@ class StatsRecorder:
 
     def __init__(self, metrics, plans: list[RowPlan], *, sink_tokens: int = 4, bins: int = 32,
                  layers=None, max_length: int | None = None, row_pass: str = "auto",
-                 learned_sinks_auto: bool = False):
+                 learned_sinks_auto: bool = False, flow: Flow | None = None):
         unknown = set(metrics) - set(ALL_METRICS)
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(ALL_METRICS)}")
@@ -107,7 +110,10 @@ class StatsRecorder:
         self.layers = None if layers is None else set(layers)
         self.row_pass = row_pass
         # the fused kernel returns each row's log-sum-exp for free; row metrics reuse it too
-        self.needs_lse = any(m in KEYSET_METRICS + ROW_METRICS for m in self.metrics)
+        self.needs_lse = any(m in KEYSET_METRICS + ROW_METRICS + FLOW_METRICS for m in self.metrics)
+        if flow is None and any(m in FLOW_METRICS for m in self.metrics):
+            flow = Flow(self.metrics, FlowOptions(), bins)
+        self.flow = flow  # received / kept_mass / span_to_span (None when none is asked for)
         self.dist_edges = distance_bin_edges(max_length or max(p.length for p in plans))
         self.results: dict[int, list[dict[str, np.ndarray]]] = {}
         self.kernels: dict[int, str] = {}  # layer -> the kernel that computed its output
@@ -134,6 +140,7 @@ class StatsRecorder:
             start = int(attn.row_starts[b])
             q_rows, groups = self._rows(attn, b, start, plan)
             sums: dict[str, torch.Tensor] = {}  # metric -> [G, H, ...] sums over each group's rows
+            columns = None  # the chunked row pass also sums P over its rows for `received`
             if any(m in KEYSET_METRICS for m in self.metrics):
                 sums.update(self._keyset(attn, b, start, q_rows, groups, plan))
             if any(m in ROW_METRICS for m in self.metrics):
@@ -141,8 +148,14 @@ class StatsRecorder:
                     sums.update(self._row_features(attn, b, start, q_rows, groups, plan))
                 else:
                     self.row_passes[attn.layer] = "chunked"
-                    sums.update(self._row_chunks(attn, b, start, q_rows, groups, plan))
+                    columns = self.flow.accumulator(attn, b, start, plan) if self.flow else None
+                    sums.update(self._row_chunks(attn, b, start, q_rows, groups, plan, columns))
+            flow_out = {}
+            if self.flow is not None:
+                flow_sums, flow_out = self.flow.measure(attn, b, start, q_rows, groups, plan, columns)
+                sums.update(flow_sums)
             out = _finish(sums, plan)
+            out.update(flow_out)
             if "token0_importance" in self.metrics:
                 out["token0_importance"] = self._token0_importance(attn, b, start, plan)
             if "pattern" in self.metrics:
@@ -235,7 +248,7 @@ class StatsRecorder:
             out["position_profile"] = _group_sum(e[..., d + 1:], groups, G)
         return out
 
-    def _row_chunks(self, attn, b, start, q_rows, groups, plan) -> dict[str, torch.Tensor]:
+    def _row_chunks(self, attn, b, start, q_rows, groups, plan, columns=None) -> dict[str, torch.Tensor]:
         """Row metrics from a pass over Q.K^T in query chunks, each chunk inside one group.
 
         Cost is dominated by passes over [H, chunk, K]: scores (matmul), - lse, exp, and one
@@ -270,6 +283,7 @@ class StatsRecorder:
                 k_lo = start if local is None else max(start, int(qa.min()) - local + 1)
                 logp = attn.log_probs(b, rows, slice(k_lo, k_hi))  # [H, c, K], before masking
                 m_lo = int(qa.min()) + 1 if causal_only else k_lo
+                vis = None
                 if m_lo < k_hi:
                     vis = attn.visible(rows, m_lo, k_hi)[b]  # [c, K']
                     # a finite -1e30 instead of -inf: p = 0 there and p * log p stays 0, not NaN
@@ -283,9 +297,11 @@ class StatsRecorder:
                     if p_sink is not None:  # the sink is one more outcome: -p log p
                         sums["entropy"][g] -= torch.special.xlogy(p_sink, p_sink).sum(-1).double()
                 del logp
-                if "mean_distance" in want or "position_profile" in want:
+                if "mean_distance" in want or "position_profile" in want or columns is not None:
                     # both are linear in the key's position: reduce over queries first
                     received = p.sum(1).double()  # [H, K]: mass each key receives from the chunk
+                    if columns is not None:
+                        columns.add(received, k_lo, k_hi, len(rows), m_lo, vis)
                     j = torch.arange(k_lo, k_hi, device=dev)
                     if "mean_distance" in want:
                         # sum_i sum_j p_ij (i - j) = sum_i i (1 - p_sink_i) - sum_j j recv_j

@@ -37,6 +37,7 @@ import xarray as xr
 from attnscope.capture.interface import LayerAttention, capture
 from attnscope.errors import AttnscopeError
 from attnscope.metrics.reductions import RowPlan, StatsRecorder, keyset_probs
+from attnscope.metrics.span_to_span import SpanToSpanRecorder
 from attnscope.probing.builder import Prompt, build_prompts
 from attnscope.probing.spec import ProbeSpec, load_spec
 from attnscope.progress import track
@@ -46,6 +47,9 @@ NEEDLE_SPANS = ("needle_value", "needle_key")
 ANSWER_MODES = ("greedy", "teacher_forced")
 RETRIEVAL_COUNTS = ("steps", "positions")
 RETRIEVAL_SPANS = ("needle_value", "needle")
+# span_to_span (docs/received.md): queries of these prompt spans -> keys of these spans
+QUERY_SPANS = ("question", "haystack", "needle", "final")
+KEY_SPANS = ("sink", "needle", "needle_value", "question")
 RETRIEVAL_THRESHOLD = 0.1  # Wu et al. call a head a retrieval head when its score exceeds 0.1
 EXTRA_DECODE_STEPS = 4  # decoding runs for the answer's tokens plus this many
 
@@ -185,6 +189,8 @@ class NiahMeasurement:
     step_uniform: np.ndarray | None = None  # [step, span]
     answer_steps: list[int] | None = None  # decoding steps in the greedy answer set
     kernels: dict[int, str] | None = None  # layer -> attention kernel of the prompt's forward
+    span_to_span: np.ndarray | None = None  # [query span, key span, layer, head] of the prompt
+    span_names: tuple[list[str], list[str]] | None = None  # (query spans, key spans)
 
     def retrieval_score(self, count: str = "steps", span: str = "needle_value") -> np.ndarray:
         """[layer, head] retrieval score of this trial (docs/probes.md, "Retrieval heads")."""
@@ -222,6 +228,9 @@ class NiahMeasurement:
             ds["retrieval_heads"] = ((), int((scores > threshold).sum()))
             ds["correct"] = ((), self.correct)
             ds["generated"] = ((), self.text)
+        if self.span_to_span is not None:
+            ds["span_to_span"] = (("query_span", "key_span", "layer", "head"), self.span_to_span.astype(np.float32))
+            ds = ds.assign_coords(query_span=self.span_names[0], key_span=self.span_names[1])
         ds["depth_actual"] = ((), p.depth_actual)
         return ds
 
@@ -256,17 +265,18 @@ def measure_niah(lm, prompt: Prompt, *, layers: Sequence[int] | None = None, sin
     needle = NeedleRecorder(groups, spans, layers)
     sink = StatsRecorder(("sink_mass",), [RowPlan(L, np.array([L - 1]))], sink_tokens=sink_tokens,
                          layers=layers)
+    flow = SpanToSpanRecorder(*_flow_spans(prompt, sink_tokens), layers)
     n_new = max_new_tokens or (len(_answer_ids(tokenizer, " ".join(prompt.answer))) + EXTRA_DECODE_STEPS)
     greedy: dict = {}
     if answer_mode == "greedy" and decode:
-        greedy = _decode(lm, list(prompt.token_ids), n_new, needle=needle, prefill_only=[sink],
+        greedy = _decode(lm, list(prompt.token_ids), n_new, needle=needle, prefill_only=[sink, flow],
                          layers=layers)
         passes = 1
     else:
         ids = list(prompt.token_ids) + (answer if answer_mode == "teacher_forced" else [])
         device = next(hf_model.parameters()).device
         decoder = getattr(hf_model, "base_model", hf_model)  # no logits needed
-        with torch.no_grad(), capture(hf_model, needle), capture(hf_model, sink):
+        with torch.no_grad(), capture(hf_model, needle), capture(hf_model, sink), capture(hf_model, flow):
             decoder(input_ids=torch.tensor([ids], device=device), use_cache=False)
         passes = 1
         if decode:
@@ -280,7 +290,9 @@ def measure_niah(lm, prompt: Prompt, *, layers: Sequence[int] | None = None, sin
                         answer_queries=len(groups.get("answer", ())),
                         sink_mass=_stack({k: v[0]["sink_mass"] for k, v in sink.results.items()},
                                          layer_ids),
-                        sink_tokens=sink_tokens, prompt_passes=passes, kernels=dict(sink.kernels))
+                        sink_tokens=sink_tokens, prompt_passes=passes, kernels=dict(sink.kernels),
+                        span_to_span=np.stack([flow.results[k] for k in layer_ids], axis=2),
+                        span_names=(list(flow.query_spans), list(flow.key_spans)))
     if greedy:
         m.generated = greedy["generated"]
         m.text = tokenizer.decode(m.generated, skip_special_tokens=True)
@@ -300,6 +312,16 @@ def measure_niah(lm, prompt: Prompt, *, layers: Sequence[int] | None = None, sin
         m.share = np.concatenate([share, ans[None]])
         m.uniform = np.concatenate([uniform, ans_u[None]])
     return m
+
+
+def _flow_spans(prompt: Prompt, sink_tokens: int) -> tuple[dict, dict]:
+    """(query spans, key spans) of span_to_span for a NIAH prompt: question, haystack (which holds
+    the needle), needle and the final prompt position -> the sink tokens, the needle, its value
+    and the question."""
+    L = prompt.length
+    named = dict(prompt.spans, final=(L - 1, L), sink=(0, sink_tokens))
+    return ({k: tuple(named[k]) for k in QUERY_SPANS if k in named},
+            {k: tuple(named[k]) for k in KEY_SPANS if k in named})
 
 
 def _decode(lm, ids: list[int], n_new: int, *, needle: NeedleRecorder | None = None,
