@@ -301,3 +301,25 @@ def test_padded_batch_kept_mass_and_span_to_span(tiny, single_thread):
         lone = attnscope.analyze(lm, token_ids=ids, **kw)
         for name in ("kept_mass", "span_to_span"):
             np.testing.assert_allclose(batch[name].isel(sequence=seq).values, lone[name].values, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "inkling2_text", "deepseek_v32", "hrm_text"])
+@pytest.mark.parametrize("received_pass", ["swapped", "chunked"])
+def test_received_on_families_with_sinks_biases_selections_and_repeats(family, received_pass, single_thread):
+    """Learned sinks (columns of real keys sum to less than the queries), a position bias with
+    per-query sinks, a sparse top-k selection, and modules run several times per forward (one
+    `layer` entry per call): r_j equals eager's column sums call by call. The swapped pass gives
+    way to the chunked one where the score has a bias term or the keys a selection."""
+    from attnscope import zoo
+    from attnscope.conformance import eager_reference
+
+    tiny = zoo.tiny_model(family)
+    ids = tiny.input_ids[0].tolist()
+    ds = attnscope.analyze(tiny.model, token_ids=ids, metrics=("received",), received_pass=received_pass,
+                           min_query_position=4, progress=False)
+    _, maps, _ = eager_reference(tiny.model, tiny.input_ids)
+    assert ds.sizes["layer"] == len(maps)
+    for i, layer in enumerate(ds.layer.values):
+        r = maps[i][0].double().numpy().sum(1)  # [H, L]
+        got = ds.received.sel(layer=layer).values[:r.shape[0]]
+        assert np.abs(got - r).max() <= ATOL * max(1.0, float(np.abs(r).max())), (family, int(layer))

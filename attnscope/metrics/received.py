@@ -61,7 +61,9 @@ def check_top_k(k, what: str = "received_top_k") -> int:
 def resolve_pass(attn: LayerAttention, requested: str) -> str:
     """The pass that computes the column sums of this layer: 'chunked', 'swapped_flash' or
     'swapped_flex'."""
-    swappable = attn.supports_features  # q and k in hand (not a map read from a peer)
+    # q and k in hand (not a map read from a peer), and a score that is q.k alone: a score term
+    # (position bias, float mask) or a sparse selection is applied only by the chunked pass
+    swappable = attn.supports_features and attn.bias is None and attn.indices is None
     if requested == "chunked" or not swappable:
         return "chunked"
     cuda = attn.query.device.type == "cuda"
