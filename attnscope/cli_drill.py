@@ -16,24 +16,7 @@ from rich.console import Console
 from attnscope.cli import (_MODEL_HELP, _QUIET, _check_out_file, _command_line, _fail, _quiet,
                            _quiet_transformers, _read_text, app)
 from attnscope.errors import AttnscopeError
-
-
-def _model_shape(model: str, revision, trust_remote_code: bool) -> dict:
-    """{"n_layers", "n_heads", "max_positions"} from the model's config, no weights loaded (values
-    None when not declared; {} for a GGUF file not yet converted: checked after the load)."""
-    from attnscope.models.loading import check_remote_code, gguf_cache_dir, read_raw_config, resolve
-
-    source, path, _ = resolve(model, revision)
-    if source == "gguf":
-        cached = gguf_cache_dir(Path(path))
-        if not (cached / "attnscope-gguf.json").is_file():
-            return {}
-        source, path = "local", str(cached)
-    raw = read_raw_config(source, path, revision)
-    check_remote_code(raw, path, trust_remote_code)
-    cfg = raw.get("text_config", raw)
-    return {"n_layers": cfg.get("num_hidden_layers"), "n_heads": cfg.get("num_attention_heads"),
-            "max_positions": cfg.get("max_position_embeddings")}
+from attnscope.models.loading import model_limits
 
 
 def _tokens(model, revision, trust_remote_code, text, max_tokens, shape) -> list[int]:
@@ -101,7 +84,7 @@ def drill_cmd(
         _common_checks(dtype, device, kernel, max_tokens)
         out = _check_out_file(out, overwrite, suffixes=(".html", ".htm"), kind="an HTML page")
         text = _read_text(text_file)
-        shape = _model_shape(model, revision, trust_remote_code)
+        shape = model_limits(model, revision, trust_remote_code=trust_remote_code)
         check_layer_head(layer_list, None, shape.get("n_layers"), None)
         ids = _tokens(model, revision, trust_remote_code, text, max_tokens, shape)
         qpos = check_positions(parse_positions(queries, "--queries", n_tokens=len(ids)), len(ids))
@@ -164,7 +147,7 @@ def decompose_cmd(
         out = _check_out_file(out, overwrite, suffixes=(".png", ".pdf", ".svg"), kind="a figure")
         _check_out_file(sidecar_path(out), overwrite, suffixes=(".json",), kind="the figure's numbers")
         text = _read_text(text_file)
-        shape = _model_shape(model, revision, trust_remote_code)
+        shape = model_limits(model, revision, trust_remote_code=trust_remote_code)
         check_layer_head([layer], [head], shape.get("n_layers"), shape.get("n_heads"))
         ids = _tokens(model, revision, trust_remote_code, text, max_tokens, shape)
         q = len(ids) - 1 if query is None else query
