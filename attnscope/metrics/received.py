@@ -262,6 +262,9 @@ def swapped_flex(attn: LayerAttention, b: int, rows: torch.Tensor, acc: ColumnSu
         AuxRequest = None
         aux_kwargs = {"return_lse": True}
     fn = _compiled_flex() if compiled else flex_attention
+    # only the LSE is read: a small zero value tensor of its own (passing q as key and value made
+    # dynamo's aliasing guard fail, and torch 2.13 then crashed explaining the recompilation)
+    v = q.new_zeros(q.shape[:-1] + (16,))
     n_keys = k_hi - k_lo
     step = n_keys if compiled else max(16, _MASK_ELEMENTS // max(1, attn.n_heads * len(rows)))
     import warnings
@@ -272,7 +275,7 @@ def swapped_flex(attn: LayerAttention, b: int, rows: torch.Tensor, acc: ColumnSu
         bm = kernels.block_mask(rule, 1, j1 - j0, len(rows), q.device, None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "called without torch.compile"
-            res = fn(k[:, :, j0:j1], q, q, score_mod=score_mod, block_mask=bm, scale=attn.scale,
+            res = fn(k[:, :, j0:j1], q, v, score_mod=score_mod, block_mask=bm, scale=attn.scale,
                      **aux_kwargs)
         lse = res[1].lse if AuxRequest is not None else res[1]
         acc.sums[:, j0:j1] += torch.nan_to_num(lse[0].double(), nan=-math.inf).exp()
