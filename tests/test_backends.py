@@ -262,3 +262,21 @@ def test_model_rewritten_by_a_bridge_gets_a_clear_error(tiny_llama, tiny_ids):
     for model in (rewritten, TransformersModel(rewritten, tokenizer=tiny_llama.tokenizer)):
         with pytest.raises(BackendError, match="rewritten in place by TransformerBridge.boot_transformers"):
             attnscope.analyze(model, token_ids=tiny_ids)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "inkling2_text", "deepseek_v32"])
+def test_nnsight_applies_the_attention_contract(family, single_thread):
+    """Learned sinks, a position bias with per-query sinks, a sparse selection: the nnsight path
+    reads the same kwargs through read_kwargs and equals the native path."""
+    pytest.importorskip("nnsight")
+    from attnscope import zoo
+    from attnscope.testing import make_tiny_tokenizer
+
+    tiny = zoo.tiny_model(family)
+    ids, tok = tiny.input_ids[0].tolist(), make_tiny_tokenizer()
+    native = attnscope.analyze(tiny.model, token_ids=ids, tokenizer=tok, min_query_position=4)
+    peer = attnscope.analyze(tiny.model, token_ids=ids, tokenizer=tok, min_query_position=4, backend="nnsight")
+    assert peer.attrs["backend"] == "nnsight"
+    for name in native.data_vars:
+        assert float(np.nanmax(np.abs(native[name].values - peer[name].values))) <= 1e-5 * max(
+            1.0, float(np.nanmax(np.abs(native[name].values)))), name
