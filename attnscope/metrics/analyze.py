@@ -14,7 +14,7 @@ from attnscope.capture.interface import kernel_settings, layer_window
 from attnscope.capture.queries import DEFAULT_MIN_POSITION, QuerySelection, query_bins as _query_bins
 from attnscope.errors import AttnscopeError, InputTooLongError, MemoryGuardError
 from attnscope.metrics.flow import FLOW_METRICS
-from attnscope.models.introspect import config_value, decoder_layers
+from attnscope.models.introspect import config_value, decoder_layers, text_config
 from attnscope.metrics.reductions import (
     ALL_METRICS,
     DEFAULT_METRICS,
@@ -101,12 +101,6 @@ def _tokenize(tokenizer, text, token_ids, max_tokens) -> list[list[int]]:
     if any(len(s) == 0 for s in seqs):
         raise AttnscopeError("an input has no tokens")
     return seqs
-
-
-def text_config(hf_model):
-    """The config of the text decoder (a multimodal model's `text_config`)."""
-    config = hf_model.config
-    return getattr(config, "get_text_config", lambda: config)() or config
 
 
 def model_depth(hf_model) -> int:

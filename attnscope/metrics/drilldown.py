@@ -219,8 +219,8 @@ def topk_keys(model, text: str | None = None, *, queries: Sequence[int] | str, k
     if isinstance(queries, str):
         queries = parse_positions(queries, "queries")
     qpos = check_positions(queries, len(ids))
-    from attnscope.metrics.analyze import model_depth, text_config
-    from attnscope.models.introspect import config_value
+    from attnscope.metrics.analyze import model_depth
+    from attnscope.models.introspect import config_value, text_config
 
     n_layers = model_depth(hf_model)
     check_layer_head(layers, None, n_layers, None)

@@ -55,11 +55,15 @@ def olmpool_window_pattern(n_layers: int) -> list[bool]:
     return [(i + 1) % 4 != 0 for i in range(n_layers)]
 
 
-def _config(model):
+def text_config(model):
+    """The config of the model's text decoder (a multimodal model's `text_config`)."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no .config; pass a transformers model.")
     return getattr(cfg, "get_text_config", lambda: cfg)() or cfg
+
+
+_config = text_config  # the name the rest of this module and doctor use
 
 
 def _decoder_layers(model) -> tuple[str, list]:

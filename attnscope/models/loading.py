@@ -58,8 +58,9 @@ class LoadedModel:
     @property
     def config(self):
         """The text decoder's config (a multimodal model's `text_config`)."""
-        config = self.model.config
-        return getattr(config, "get_text_config", lambda: config)() or config
+        from attnscope.models.introspect import text_config
+
+        return text_config(self.model)
 
     @property
     def n_layers(self) -> int:
