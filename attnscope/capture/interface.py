@@ -17,12 +17,12 @@ from typing import Iterator, Protocol
 import torch
 
 from attnscope.capture import kernels
-from attnscope.capture.visibility import AttentionEdit, Visibility, bool_mask, row_starts
+from attnscope.capture.visibility import AttentionEdit, Visibility, row_starts
 from attnscope.errors import AttnscopeError, UnsupportedModelError
 
 ATTN_IMPLEMENTATION = "attnscope"
-# kept importable from here (older code and the peers' backends use these names)
-_bool_mask, _row_starts = bool_mask, row_starts
+# kept importable from here (the peers' backends use this name)
+_row_starts = row_starts
 __all__ = ["AttentionEdit", "LayerAttention", "Observer", "capture", "using_attnscope", "register",
            "set_edit", "set_windows", "windows_disabled", "layer_window", "index_layers",
            "kernel_settings"]

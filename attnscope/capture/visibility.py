@@ -152,17 +152,6 @@ class Visibility:
         return (self.q_offset, mask_id, self.window, self.edit, starts, self.key_start, indices)
 
 
-def bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The model's attention mask as bool [B, 1, T, S] (True = visible), or None."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:  # additive float mask: 0 visible, very negative hidden
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    if mask.dim() == 2:
-        mask = mask[None, None]
-    return mask[:, :1]
-
-
 def row_starts(mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     """[B] first key any query of each batch row may see: its first real token under left
     padding, 0 otherwise."""
