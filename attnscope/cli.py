@@ -22,17 +22,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
-def _error_line(message) -> None:
+def _stderr_line(kind: str, style: str, message) -> None:
     """One line on stderr: plain text when stderr is not a terminal (rich would wrap it at 80
-    columns), bold red on a terminal (soft-wrapped: still one line)."""
+    columns), coloured on a terminal (soft-wrapped: still one line)."""
     from attnscope.validate import one_line
 
     text = one_line(message)
     if sys.stderr.isatty():
-        console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False)
+        console.print(f"[{style}]{kind}:[/] {escape(text)}", soft_wrap=True, highlight=False)
     else:
-        sys.stderr.write(f"error: {text}\n")
+        sys.stderr.write(f"{kind}: {text}\n")
         sys.stderr.flush()
+
+
+def _error_line(message) -> None:
+    _stderr_line("error", "bold red", message)
 
 
 # Off a terminal (a pipe, `> file`) nothing is wrapped or cut: rich would otherwise lay tables and
@@ -47,15 +51,8 @@ def _stdout() -> Console:
 
 
 def _warning_line(message) -> None:
-    """One line on stderr for something the user should know on a run that goes on (exit 0)."""
-    from attnscope.validate import one_line
-
-    text = one_line(message)
-    if sys.stderr.isatty():
-        console.print(f"[bold yellow]warning:[/] {escape(text)}", soft_wrap=True, highlight=False)
-    else:
-        sys.stderr.write(f"warning: {text}\n")
-        sys.stderr.flush()
+    """For something the user should know on a run that goes on (exit 0)."""
+    _stderr_line("warning", "bold yellow", message)
 
 
 def _version(value: bool) -> None:

@@ -142,8 +142,6 @@ def decompose_cmd(
             raise AttnscopeError(f"--share must be in (0, 1], got {share}")
         check_layer_head([layer], [head], None, None)
         _common_checks(dtype, device, kernel, max_tokens)
-        if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-            raise AttnscopeError(f"--out {out}: write the figure as .png, .pdf or .svg")
         out = _check_out_file(out, overwrite, suffixes=(".png", ".pdf", ".svg"), kind="a figure")
         _check_out_file(sidecar_path(out), overwrite, suffixes=(".json",), kind="the figure's numbers")
         text = _read_text(text_file)

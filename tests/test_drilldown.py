@@ -491,7 +491,7 @@ def no_load(monkeypatch):
     ("decompose", ["--layer", "0", "--head", "0", "--rope", "bogus"], ["--rope", "bogus"]),
     ("decompose", ["--layer", "0", "--head", "0", "--out", "old.png"], ["already exists"]),
     ("decompose", ["--layer", "0", "--head", "0", "--out", "fig.png"], ["fig.json", "already exists"]),
-    ("decompose", ["--layer", "0", "--head", "0", "--out", "fig.txt"], [".png, .pdf or .svg"]),
+    ("decompose", ["--layer", "0", "--head", "0", "--out", "fig.txt"], ["writes a figure here", ".png or .pdf or .svg", "'.txt'"]),
     ("decompose", ["--layer", "-1", "--head", "0"], ["layer must be an integer >= 0"]),
 ])
 def test_cli_refuses_before_any_model_loads(tiny_cli, tmp_path, no_load, monkeypatch, command, extra, words):

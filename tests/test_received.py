@@ -15,7 +15,7 @@ from attnscope.capture.interface import capture
 from attnscope.errors import AttnscopeError
 from attnscope.metrics import received as R
 from attnscope.probing.texts import load_text
-from reference import eager_maps
+from reference import QKRecorder, eager_maps
 
 ATOL = 1e-5
 
@@ -129,17 +129,8 @@ def test_swapped_flex_pass_matches_eager(tiny, smollm2, held_out, single_thread)
     """The GPU pass (FlexAttention, score_mod = -lse_i, mask_mod = reversed rule), uncompiled on
     CPU: causal (SmolLM2), windowed and soft-capped layers."""
 
-    class Keep:
+    class Keep(QKRecorder):  # each layer's LayerAttention, with its row LSE
         needs_lse = True
-
-        def __init__(self):
-            self.layers = {}
-
-        def wants(self, layer):
-            return True
-
-        def observe(self, attn):
-            self.layers[attn.layer] = attn
 
     for lm, ids in ((smollm2, held_out[:160]), (tiny("olmo3"), list(range(3, 83)))):
         keep = Keep()

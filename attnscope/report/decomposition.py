@@ -119,14 +119,6 @@ def write_decomposition(dec: ScoreDecomposition, path: str | Path, *, command: s
 
     path = Path(path)
     side = sidecar_path(path)
-    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
-        from attnscope.errors import AttnscopeError
-
-        raise AttnscopeError(f"--out {path}: the figure is written as .png, .pdf or .svg (got {path.suffix or 'no suffix'!r})")
-    if side == path:
-        from attnscope.errors import AttnscopeError
-
-        raise AttnscopeError(f"--out {path}: the sidecar would overwrite the figure; use .png, .pdf or .svg")
     real = check_output_file(path, overwrite=overwrite, suffixes=(".png", ".pdf", ".svg"), kind="a figure")
     real_side = check_output_file(side, overwrite=overwrite, option="--out (its JSON sidecar)",
                                   suffixes=(".json",), kind="the figure's numbers")
